@@ -1,0 +1,57 @@
+"""Load qconvert checkpoints into diffusers and pick the kernels this device can run.
+
+diffusers does all the loading (``from_pretrained`` reads the torchao-flattened safetensors and
+rebuilds the tensor subclasses; nothing is quantized at load); ``runtime.prepare`` then points
+each quantized weight at the path the device runs (see ``runtime.TABLE``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qconvert.loaders.runtime import TABLE, device_class, prepare
+
+__all__ = ["TABLE", "device_class", "load_pipeline", "load_transformer", "prepare"]
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_pipeline(path_or_repo: str | Path, device: str | torch.device | None = "auto",
+                  **kwargs: Any) -> Any:
+    """``DiffusionPipeline.from_pretrained`` + device preparation of the quantized weights."""
+    from diffusers import DiffusionPipeline
+
+    dev = _device(device)
+    kwargs.setdefault("dtype", torch.bfloat16)
+    pipe = DiffusionPipeline.from_pretrained(str(path_or_repo), **kwargs)
+    pipe.to(dev)
+    prepare(pipe.transformer, dev)
+    return pipe
+
+
+def load_transformer(path_or_repo: str | Path, device: str | torch.device | None = "auto",
+                     subfolder: str | None = None, **kwargs: Any) -> Any:
+    """Load the quantized transformer alone (a pipeline repo's ``transformer/`` by default)."""
+    import diffusers
+
+    dev = _device(device)
+    root = Path(str(path_or_repo))
+    if subfolder is None and not (root / "config.json").is_file():
+        subfolder = "transformer"
+    config_kwargs = {"subfolder": subfolder} if subfolder else {}
+    config = diffusers.ModelMixin.load_config(str(path_or_repo), **config_kwargs,
+                                              **{k: v for k, v in kwargs.items()
+                                                 if k in ("revision", "token", "cache_dir")})
+    cls = getattr(diffusers, str(config["_class_name"]))
+    kwargs.setdefault("dtype", torch.bfloat16)
+    model = cls.from_pretrained(str(path_or_repo), **config_kwargs, **kwargs)
+    model.to(dev)
+    prepare(model, dev)
+    return model

@@ -1,0 +1,169 @@
+"""Where the bf16 weights come from: a local diffusers folder, a Hub repo, or a tiny build."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qconvert.convert.safetensors_io import Header, read_header
+
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class SourceError(ValueError):
+    """A source that cannot be converted; the message says what is wrong and what to do."""
+
+
+@dataclass
+class Source:
+    """A diffusers pipeline (or lone transformer) folder on local disk, ready to read."""
+
+    root: Path  # pipeline folder (or the transformer folder when ``transformer_only``)
+    transformer_dir: Path
+    config: dict[str, object]
+    shards: list[Header]
+    description: dict[str, object]  # what the manifest records about where this came from
+    transformer_only: bool = False
+    model_index: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def class_name(self) -> str:
+        return str(self.config.get("_class_name", ""))
+
+    def component_dirs(self) -> list[str]:
+        """The pipeline's component folders other than the transformer, from model_index."""
+        names = []
+        for key, value in sorted(self.model_index.items()):
+            if key.startswith("_") or key == "transformer":
+                continue
+            if isinstance(value, list) and len(value) == 2 and value[0] is not None:
+                if (self.root / key).is_dir():
+                    names.append(key)
+        return names
+
+
+def looks_like_repo_id(text: str) -> bool:
+    return bool(_REPO_ID.match(text)) and not Path(text).exists()
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object")
+    return data
+
+
+def _transformer_shards(folder: Path) -> list[Header]:
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SourceError(f"{index}: no weight_map; the checkpoint index is corrupt")
+        files = sorted(set(map(str, weight_map.values())))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise SourceError(
+                f"{folder}: shard {missing[0]} listed in {WEIGHTS_INDEX} is missing; "
+                f"the download is incomplete"
+            )
+        paths = [folder / f for f in files]
+    elif (folder / WEIGHTS_FILE).is_file():
+        paths = [folder / WEIGHTS_FILE]
+    else:
+        found = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not found:
+            raise SourceError(
+                f"{folder}: no safetensors weights (expected {WEIGHTS_FILE} or {WEIGHTS_INDEX}); "
+                f".bin checkpoints are not read (no pickle) — convert them to safetensors first"
+            )
+        paths = [folder / f for f in found]
+    return [read_header(p) for p in paths]
+
+
+def open_local(path: Path, description: dict[str, object] | None = None) -> Source:
+    """A local pipeline folder (model_index.json + transformer/) or a transformer folder."""
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a directory; give a diffusers pipeline folder")
+    description = description or {"kind": "local", "path": str(path.resolve())}
+    if (path / "model_index.json").is_file():
+        model_index = _read_json(path / "model_index.json")
+        tdir = path / "transformer"
+        if "transformer" not in model_index or not (tdir / "config.json").is_file():
+            raise SourceError(
+                f"{path}: this pipeline has no transformer/ component (config.json); "
+                f"qconvert converts diffusion-transformer pipelines"
+            )
+        config = _read_json(tdir / "config.json")
+        return Source(path, tdir, config, _transformer_shards(tdir), description, False,
+                      model_index)
+    if (path / "config.json").is_file():
+        config = _read_json(path / "config.json")
+        if "_class_name" in config and "_diffusers_version" in config:
+            return Source(path, path, config, _transformer_shards(path), description, True)
+    raise SourceError(
+        f"{path}: not a diffusers pipeline (no model_index.json) or transformer folder "
+        f"(no diffusers config.json)"
+    )
+
+
+def download(repo_id: str, revision: str | None, transformer_only: bool, cache_dir: Path | None
+             ) -> Source:
+    """Fetch only the files a conversion needs from the Hub and open them."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    api = HfApi()
+    try:
+        info = api.model_info(repo_id, revision=revision)
+        files = {s.rfilename for s in info.siblings or []}
+        if "model_index.json" in files:
+            index_path = api.hf_hub_download(repo_id, "model_index.json", revision=info.sha,
+                                              cache_dir=cache_dir)
+            model_index = _read_json(Path(index_path))
+            folders = ["transformer"] if transformer_only else [
+                k for k, v in model_index.items()
+                if not k.startswith("_") and isinstance(v, list) and v[0] is not None
+            ]
+            patterns = ["model_index.json", "LICENSE*"] + [f"{d}/*" for d in folders]
+        else:
+            patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+        local = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns,
+                                  cache_dir=cache_dir)
+    except GatedRepoError as e:
+        raise SourceError(
+            f"{repo_id}: gated repo; accept its license on the Hub, then `hf auth login`"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise SourceError(
+            f"{repo_id}: repo not found (or private: log in with `hf auth login`)"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise SourceError(f"{repo_id}: revision {revision!r} not found") from e
+    except HfHubHTTPError as e:
+        raise SourceError(f"{repo_id}: download failed ({e}); re-run to resume") from e
+    description = {"kind": "hub", "repo_id": repo_id, "revision": revision or "main",
+                   "commit": info.sha}
+    return open_local(Path(local), description)
