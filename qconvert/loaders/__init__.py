@@ -38,20 +38,18 @@ def load_pipeline(path_or_repo: str | Path, device: str | torch.device | None = 
 
 def load_transformer(path_or_repo: str | Path, device: str | torch.device | None = "auto",
                      subfolder: str | None = None, **kwargs: Any) -> Any:
-    """Load the quantized transformer alone (a pipeline repo's ``transformer/`` by default)."""
-    import diffusers
+    """Load the quantized transformer alone: a transformer folder, or a pipeline's
+    ``transformer/`` (the default when the folder has no config.json of its own)."""
+    from diffusers import AutoModel
 
     dev = _device(device)
     root = Path(str(path_or_repo))
     if subfolder is None and not (root / "config.json").is_file():
         subfolder = "transformer"
-    config_kwargs = {"subfolder": subfolder} if subfolder else {}
-    config = diffusers.ModelMixin.load_config(str(path_or_repo), **config_kwargs,
-                                              **{k: v for k, v in kwargs.items()
-                                                 if k in ("revision", "token", "cache_dir")})
-    cls = getattr(diffusers, str(config["_class_name"]))
     kwargs.setdefault("dtype", torch.bfloat16)
-    model = cls.from_pretrained(str(path_or_repo), **config_kwargs, **kwargs)
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    model = AutoModel.from_pretrained(str(path_or_repo), **kwargs)
     model.to(dev)
     prepare(model, dev)
     return model

@@ -1,0 +1,36 @@
+"""Shared fixtures: the tiny FLUX source and its conversions, built once per test session."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny FLUX pipeline folder (bf16 transformer), as a local diffusers source."""
+    from qconvert.convert import tiny_flux
+
+    path = tmp_path_factory.mktemp("src") / "tiny-flux"
+    tiny_flux.build(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tiny FLUX converted to each format (sharded: --max-shard-size 10 MB)."""
+    from qconvert.convert import convert
+
+    root = tmp_path_factory.mktemp("out")
+    out = {}
+    for fmt in ("nvfp4", "mxfp8"):
+        out[fmt] = convert(root / fmt, fmt=fmt, source=tiny_flux, max_shard_size=10_000_000,
+                           progress=False).output
+    return out
