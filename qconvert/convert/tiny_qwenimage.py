@@ -93,9 +93,10 @@ SCHEDULER: dict[str, Any] = {
     "use_exponential_sigmas": False,
     "use_karras_sigmas": False,
 }
-# What a tiny Qwen-Image pipeline is called with in tests (with a prompt and negative prompt).
+# What a tiny Qwen-Image pipeline is called with in tests (with a prompt). A negative prompt, even
+# " ", turns on true CFG, so both transformer passes run.
 CALL: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 2, "true_cfg_scale": 4.0,
-                        "max_sequence_length": 64}
+                        "negative_prompt": " ", "max_sequence_length": 64}
 
 # Qwen2.5-VL's special tokens, in its order; they follow the ordinary vocabulary.
 SPECIAL_TOKENS = [
@@ -107,7 +108,7 @@ SPECIAL_TOKENS = [
 VOCAB_TEXT = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
     "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
-    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
     " a cat holding a sign that says hello world, photo of the red blue dog, bad quality"
 )
 
@@ -148,7 +149,7 @@ def _init_linears(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_pipeline(seed: int = 0) -> QwenImagePipeline:
-    """The tiny QwenImagePipeline in memory: transformer in bf16 (as Qwen-Image ships), rest fp32."""
+    """The tiny QwenImagePipeline in memory: transformer bf16 (as Qwen-Image ships), rest fp32."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
