@@ -1,3 +1,3 @@
-"""qconvert: pre-quantized NVFP4 / MXFP8 diffusion-transformer checkpoints that plain diffusers loads."""
+"""qconvert: pre-quantized NVFP4 / MXFP8 diffusion-transformer checkpoints for diffusers."""
 
 __version__ = "0.1.0"

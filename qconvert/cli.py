@@ -18,8 +18,18 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 from qconvert.formats import FORMATS  # noqa: E402
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -47,8 +57,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     from qconvert.convert.safetensors_io import SafetensorsError
     from qconvert.formats import FormatError
 
-    return (OutputError, PlanError, SourceError, SafetensorsError, FormatError, ValueError,
-            OSError)
+    return (OutputError, PlanError, SourceError, SafetensorsError, FormatError, ValueError, OSError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,30 +93,69 @@ def _family_command(family: str) -> click.Command:
           qconvert {family} --format nvfp4 --tiny --skip 'single_transformer_blocks.*' -o out/x
         """,
     )
-    @click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), required=True,
-                  help="Weight format.")
-    @click.option("--source", default=None, metavar="PATH|REPO",
-                  help=f"Local diffusers folder or Hub repo id [default: {recipe.default_source}].")
+    @click.option(
+        "--format", "fmt", type=click.Choice(sorted(FORMATS)), required=True, help="Weight format."
+    )
+    @click.option(
+        "--source",
+        default=None,
+        metavar="PATH|REPO",
+        help=f"Local diffusers folder or Hub repo id [default: {recipe.default_source}].",
+    )
     @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources).")
-    @click.option("--tiny", is_flag=True,
-                  help="Convert the embedded tiny pipeline (real classes, seeded random "
-                       "weights; offline, seconds).")
-    @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-                  help="Output folder [default: ./<source name>-<format>].")
-    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                  show_default=True, help="Where to quantize.")
-    @click.option("--skip", "skips", multiple=True, metavar="PATTERN",
-                  help="Keep matching layers in bf16 (substring, glob, or re:REGEX). Repeatable.")
-    @click.option("--transformer-only", is_flag=True,
-                  help="Write only the transformer folder (no other pipeline components).")
-    @click.option("--max-shard-size", default="5GB", show_default=True,
-                  help="Largest output shard (bounds memory use: about one shard).")
+    @click.option(
+        "--tiny",
+        is_flag=True,
+        help="Convert the embedded tiny pipeline (real classes, seeded random "
+        "weights; offline, seconds).",
+    )
+    @click.option(
+        "-o",
+        "--output",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Output folder [default: ./<source name>-<format>].",
+    )
+    @click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help="Where to quantize.",
+    )
+    @click.option(
+        "--skip",
+        "skips",
+        multiple=True,
+        metavar="PATTERN",
+        help="Keep matching layers in bf16 (substring, glob, or re:REGEX). Repeatable.",
+    )
+    @click.option(
+        "--transformer-only",
+        is_flag=True,
+        help="Write only the transformer folder (no other pipeline components).",
+    )
+    @click.option(
+        "--max-shard-size",
+        default="5GB",
+        show_default=True,
+        help="Largest output shard (bounds memory use: about one shard).",
+    )
     @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-    def command(fmt: str, source: str | None, revision: str | None, tiny: bool,
-                output: Path | None, device: str, skips: tuple[str, ...],
-                transformer_only: bool, max_shard_size: str, overwrite: bool,
-                quiet: bool) -> None:
+    def command(
+        fmt: str,
+        source: str | None,
+        revision: str | None,
+        tiny: bool,
+        output: Path | None,
+        device: str,
+        skips: tuple[str, ...],
+        transformer_only: bool,
+        max_shard_size: str,
+        overwrite: bool,
+        quiet: bool,
+    ) -> None:
         if tiny and source:
             raise click.UsageError("--tiny and --source exclude each other")
         if tiny and revision:
@@ -122,9 +170,17 @@ def _family_command(family: str) -> click.Command:
 
         try:
             result = convert(
-                output, family=family, fmt=fmt, source=src, revision=revision, skips=skips,
-                transformer_only=transformer_only, overwrite=overwrite, max_shard_size=shard,
-                device=device, progress=not quiet,
+                output,
+                family=family,
+                fmt=fmt,
+                source=src,
+                revision=revision,
+                skips=skips,
+                transformer_only=transformer_only,
+                overwrite=overwrite,
+                max_shard_size=shard,
+                device=device,
+                progress=not quiet,
                 command=shlex.join(["qconvert", *sys.argv[1:]]),
             )
         except KeyboardInterrupt:
@@ -138,14 +194,21 @@ def _family_command(family: str) -> click.Command:
             f"{_gib(int(s['bf16_bytes']))} bf16 → {_gib(int(s['output_bytes']))} "
             f"({float(s['size_ratio']):.2f}×) in {result.seconds:.1f} s"
         )
-        sub = "" if (transformer_only or (result.output / "config.json").exists()) else \
-            ', subfolder="transformer"'
+        sub = (
+            ""
+            if (transformer_only or (result.output / "config.json").exists())
+            else ', subfolder="transformer"'
+        )
         click.echo("load it with:")
         if sub:
-            click.echo(f"  from diffusers import DiffusionPipeline; "
-                       f"pipe = DiffusionPipeline.from_pretrained({str(result.output)!r})")
-        click.echo(f"  from qconvert.loaders import load_transformer; "
-                   f"t = load_transformer({str(result.output)!r})")
+            click.echo(
+                f"  from diffusers import DiffusionPipeline; "
+                f"pipe = DiffusionPipeline.from_pretrained({str(result.output)!r})"
+            )
+        click.echo(
+            f"  from qconvert.loaders import load_transformer; "
+            f"t = load_transformer({str(result.output)!r})"
+        )
 
     return command
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from torchao.core.config import AOBaseConfig
 from torchao.prototype.mx_formats.inference_workflow import (
     MXDynamicActivationMXWeightConfig,
@@ -170,9 +169,7 @@ def get_format(name: str) -> Format:
     try:
         return FORMATS[name]
     except KeyError:
-        raise FormatError(
-            f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}"
-        ) from None
+        raise FormatError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}") from None
 
 
 _METADATA_CACHE: dict[str, str] = {}

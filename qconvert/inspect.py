@@ -22,15 +22,22 @@ def render(root: Path) -> tuple[str, dict[str, Any]]:
     data: dict[str, Any] = mf.load(root)
     s = data["summary"]
     src = data["source"]
-    where = src.get("repo_id") or src.get("path") or f"tiny {src.get('family')} (seed {src.get('seed')})"
+    where = (
+        src.get("repo_id")
+        or src.get("path")
+        or f"tiny {src.get('family')} (seed {src.get('seed')})"
+    )
     if src.get("commit"):
         where += f" @ {src['commit']}"
     lines = [
         f"{root}: {data['format']['name']} ({data['format']['description']})",
         f"source: {where} [{src.get('class')}]",
         f"recipe: {data['recipe']['name']}"
-        + (f" + --skip {' '.join(data['recipe']['extra_skips'])}" if data["recipe"]["extra_skips"]
-           else ""),
+        + (
+            f" + --skip {' '.join(data['recipe']['extra_skips'])}"
+            if data["recipe"]["extra_skips"]
+            else ""
+        ),
         f"made by: {data['command']}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in sorted(data["versions"].items())),
         f"params: {s['params']:,} ({s['params_quantized']:,} quantized, "
@@ -42,8 +49,11 @@ def render(root: Path) -> tuple[str, dict[str, Any]]:
     ]
     rows: dict[tuple[str, str, str], int] = {}
     for layer in data["layers"]:
-        key = (_BLOCK.sub(r"\1.N.", layer["name"]), "x".join(map(str, layer["shape"])),
-               f"{layer['action']}" + ("" if layer["action"] != "keep" else f" ({layer['reason']})"))
+        key = (
+            _BLOCK.sub(r"\1.N.", layer["name"]),
+            "x".join(map(str, layer["shape"])),
+            f"{layer['action']}" + ("" if layer["action"] != "keep" else f" ({layer['reason']})"),
+        )
         rows[key] = rows.get(key, 0) + 1
     width = max((len(k[0]) for k in rows), default=10)
     for (name, shape, what), count in rows.items():

@@ -10,23 +10,39 @@ import torch
 from qconvert.convert.safetensors_io import write_file
 
 
-def write_flux_source(dst: Path, num_layers: int, num_single_layers: int, width_heads: int = 8,
-                      shard_bytes: int = 200 * 10**6, seed: int = 0) -> int:
+def write_flux_source(
+    dst: Path,
+    num_layers: int,
+    num_single_layers: int,
+    width_heads: int = 8,
+    shard_bytes: int = 200 * 10**6,
+    seed: int = 0,
+) -> int:
     """A diffusers pipeline folder whose transformer has the given depth; returns its bytes."""
     from diffusers import FluxTransformer2DModel
 
     from qconvert.convert.tiny_flux import TRANSFORMER
 
-    config = {**TRANSFORMER, "num_layers": num_layers, "num_single_layers": num_single_layers,
-              "num_attention_heads": width_heads}
+    config = {
+        **TRANSFORMER,
+        "num_layers": num_layers,
+        "num_single_layers": num_single_layers,
+        "num_attention_heads": width_heads,
+    }
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config)
     tdir = dst / "transformer"
     tdir.mkdir(parents=True)
     model.save_config(tdir)
-    (dst / "model_index.json").write_text(json.dumps(
-        {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
-         "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    (dst / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "FluxPipeline",
+                "_diffusers_version": "0.42.1",
+                "transformer": ["diffusers", "FluxTransformer2DModel"],
+            }
+        )
+    )
     g = torch.Generator().manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = total = 0
@@ -47,7 +63,8 @@ def write_flux_source(dst: Path, num_layers: int, num_single_layers: int, width_
         (tdir / f"part{i}").rename(tdir / final)
         weight_map.update(dict.fromkeys(shard_names, final))
     (tdir / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 

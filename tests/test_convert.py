@@ -27,8 +27,11 @@ TOLERANCE = {"nvfp4": 0.2, "mxfp8": 0.07}
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def transformer_inputs(model: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
@@ -50,10 +53,12 @@ def test_plain_diffusers_loads_every_layer_bit_exact_with_torchao(
     fmt: str, tiny_flux: Path, converted: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(workflow, "is_sm_at_least_100", lambda: True)
-    source = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer",
-                                                    dtype=torch.bfloat16)
-    ours = FluxTransformer2DModel.from_pretrained(converted[fmt], subfolder="transformer",
-                                                  dtype=torch.bfloat16)
+    source = FluxTransformer2DModel.from_pretrained(
+        tiny_flux, subfolder="transformer", dtype=torch.bfloat16
+    )
+    ours = FluxTransformer2DModel.from_pretrained(
+        converted[fmt], subfolder="transformer", dtype=torch.bfloat16
+    )
     manifest = json.loads((converted[fmt] / MANIFEST).read_text())
     decisions = {row["name"]: row["action"] for row in manifest["layers"]}
     ours_modules = dict(ours.named_modules())
@@ -71,40 +76,54 @@ def test_plain_diffusers_loads_every_layer_bit_exact_with_torchao(
         quantize_(ref, FORMATS[fmt].config())
         expected = ref.weight
         assert type(got) is type(expected), name
-        for piece in expected.tensor_data_names + getattr(expected, "optional_tensor_data_names", []):
+        for piece in expected.tensor_data_names + getattr(
+            expected, "optional_tensor_data_names", []
+        ):
             a, b = getattr(got, piece), getattr(expected, piece)
             assert (a is None) == (b is None), (name, piece)
             if b is not None:
-                assert torch.equal(a.reshape(-1).view(torch.uint8),
-                                   b.reshape(-1).view(torch.uint8)), (name, piece)
+                assert torch.equal(
+                    a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+                ), (name, piece)
         for attr in expected.tensor_attribute_names:
             assert getattr(got, attr) == getattr(expected, attr), (name, attr)
     assert n_quantized == manifest["summary"]["quantized_layers"] == 19
     for key, value in source.state_dict().items():  # everything else: identical bytes
-        if key.removesuffix(".weight") not in decisions or decisions[key.removesuffix(".weight")] == "keep":
+        if (
+            key.removesuffix(".weight") not in decisions
+            or decisions[key.removesuffix(".weight")] == "keep"
+        ):
             assert torch.equal(ours.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
-def test_round_trip_pipeline_call_and_accuracy(fmt: str, tiny_flux: Path,
-                                               converted: dict[str, Path]) -> None:
+def test_round_trip_pipeline_call_and_accuracy(
+    fmt: str, tiny_flux: Path, converted: dict[str, Path]
+) -> None:
     plain = DiffusionPipeline.from_pretrained(converted[fmt], dtype=torch.bfloat16)
-    assert type(plain.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == \
-        ("NVFP4Tensor" if fmt == "nvfp4" else "MXTensor")
+    assert type(plain.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == (
+        "NVFP4Tensor" if fmt == "nvfp4" else "MXTensor"
+    )
     chosen = prepare(plain.transformer, torch.device("cpu"))
-    assert chosen == {"NVFP4Tensor": "weight-only dequantize"} if fmt == "nvfp4" else \
-        {"MXTensor": "emulated"}
-    image = plain("a cat holding a sign", generator=torch.Generator().manual_seed(0),
-                  output_type="np", **CALL).images[0]
+    assert (
+        chosen == {"NVFP4Tensor": "weight-only dequantize"}
+        if fmt == "nvfp4"
+        else {"MXTensor": "emulated"}
+    )
+    image = plain(
+        "a cat holding a sign", generator=torch.Generator().manual_seed(0), output_type="np", **CALL
+    ).images[0]
     assert image.shape == (CALL["height"], CALL["width"], 3) and bool((image == image).all())
 
     pipe = load_pipeline(converted[fmt], device="cpu")
-    image2 = pipe("a cat holding a sign", generator=torch.Generator().manual_seed(0),
-                  output_type="np", **CALL).images[0]
+    image2 = pipe(
+        "a cat holding a sign", generator=torch.Generator().manual_seed(0), output_type="np", **CALL
+    ).images[0]
     assert (image2 == image).all()
 
-    reference = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer",
-                                                       dtype=torch.bfloat16)
+    reference = FluxTransformer2DModel.from_pretrained(
+        tiny_flux, subfolder="transformer", dtype=torch.bfloat16
+    )
     inputs = transformer_inputs(reference)
     with torch.no_grad():
         want = reference(**inputs).sample.float()
@@ -114,35 +133,44 @@ def test_round_trip_pipeline_call_and_accuracy(fmt: str, tiny_flux: Path,
     assert 0 < err < TOLERANCE[fmt], err
 
 
-def test_load_transformer_and_transformer_only(tiny_flux: Path, converted: dict[str, Path],
-                                               tmp_path: Path) -> None:
+def test_load_transformer_and_transformer_only(
+    tiny_flux: Path, converted: dict[str, Path], tmp_path: Path
+) -> None:
     model = load_transformer(converted["nvfp4"], device="cpu")
     assert type(model.transformer_blocks[0].ff.net[2].weight).__name__ == "NVFP4Tensor"
     assert model.transformer_blocks[0].ff.net[2].weight.act_quant_kwargs is None  # CPU path
 
-    out = convert(tmp_path / "t", fmt="mxfp8", source=tiny_flux, transformer_only=True,
-                  progress=False).output
+    out = convert(
+        tmp_path / "t", fmt="mxfp8", source=tiny_flux, transformer_only=True, progress=False
+    ).output
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors", MANIFEST]
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        MANIFEST,
+    ]
     plain = FluxTransformer2DModel.from_pretrained(out, dtype=torch.bfloat16)
     assert type(plain.single_transformer_blocks[0].proj_mlp.weight).__name__ == "MXTensor"
     assert type(load_transformer(out, device="cpu").x_embedder.weight.data) is torch.Tensor
 
 
-def test_same_layout_as_diffusers_own_save(tiny_flux: Path, converted: dict[str, Path],
-                                           tmp_path: Path) -> None:
+def test_same_layout_as_diffusers_own_save(
+    tiny_flux: Path, converted: dict[str, Path], tmp_path: Path
+) -> None:
     """diffusers quantize-on-load + save_pretrained (MX runs on CPU) writes what we write."""
     ours_cfg = json.loads((converted["mxfp8"] / "transformer" / "config.json").read_text())
     kept = ours_cfg["quantization_config"]["modules_to_not_convert"]
     model = FluxTransformer2DModel.from_pretrained(
-        tiny_flux, subfolder="transformer", dtype=torch.bfloat16,
+        tiny_flux,
+        subfolder="transformer",
+        dtype=torch.bfloat16,
         quantization_config=TorchAoConfig(FORMATS["mxfp8"].config(), modules_to_not_convert=kept),
     )
     model.save_pretrained(tmp_path / "d", safe_serialization=True, max_shard_size="10MB")
     theirs_cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert theirs_cfg["quantization_config"] == ours_cfg["quantization_config"]
-    assert {k: v for k, v in theirs_cfg.items() if not k.startswith("_")} == \
-        {k: v for k, v in ours_cfg.items() if not k.startswith("_")}
+    assert {k: v for k, v in theirs_cfg.items() if not k.startswith("_")} == {
+        k: v for k, v in ours_cfg.items() if not k.startswith("_")
+    }
 
     def read_all(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors, meta = {}, {}
@@ -157,24 +185,31 @@ def test_same_layout_as_diffusers_own_save(tiny_flux: Path, converted: dict[str,
     assert sorted(theirs_t) == sorted(ours_t)
     for key, value in theirs_t.items():
         assert value.dtype == ours_t[key].dtype and torch.equal(
-            value.reshape(-1).view(torch.uint8), ours_t[key].reshape(-1).view(torch.uint8)), key
-    assert sorted(json.loads(theirs_m.pop("tensor_names"))) == \
-        sorted(json.loads(ours_m.pop("tensor_names")))
+            value.reshape(-1).view(torch.uint8), ours_t[key].reshape(-1).view(torch.uint8)
+        ), key
+    assert sorted(json.loads(theirs_m.pop("tensor_names"))) == sorted(
+        json.loads(ours_m.pop("tensor_names"))
+    )
     assert theirs_m == ours_m
-    index = json.loads((converted["mxfp8"] / "transformer" /
-                        "diffusion_pytorch_model.safetensors.index.json").read_text())
+    index = json.loads(
+        (
+            converted["mxfp8"] / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+        ).read_text()
+    )
     assert sorted(index["weight_map"]) == sorted(ours_t)
 
 
-def test_manifest_records_versions_source_layers_and_files(tiny_flux: Path,
-                                                           converted: dict[str, Path]) -> None:
+def test_manifest_records_versions_source_layers_and_files(
+    tiny_flux: Path, converted: dict[str, Path]
+) -> None:
     root = converted["nvfp4"]
     data = json.loads((root / MANIFEST).read_text())
     assert set(data["versions"]) >= {"qconvert", "torch", "torchao", "diffusers", "safetensors"}
     assert data["source"]["kind"] == "local" and data["source"]["path"] == str(tiny_flux.resolve())
     src_files = {row["path"]: row["sha256"] for row in data["source"]["files"]}
     assert src_files["transformer/diffusion_pytorch_model.safetensors"] == sha256_file(
-        tiny_flux / "transformer" / "diffusion_pytorch_model.safetensors")
+        tiny_flux / "transformer" / "diffusion_pytorch_model.safetensors"
+    )
     assert "vae/diffusion_pytorch_model.safetensors" in src_files
     assert data["format"]["torchao_config"]["_type"] == "NVFP4DynamicActivationNVFP4WeightConfig"
     layers = {row["name"]: row for row in data["layers"]}
@@ -183,34 +218,49 @@ def test_manifest_records_versions_source_layers_and_files(tiny_flux: Path,
     assert layers["x_embedder"]["action"] == "keep"
     assert layers["time_text_embed.timestep_embedder.linear_2"]["action"] == "keep"  # 'embed'
     assert layers["transformer_blocks.0.ff.net.2"] == {
-        "name": "transformer_blocks.0.ff.net.2", "shape": [1024, 4096], "action": "nvfp4",
-        "reason": "quantized"}
+        "name": "transformer_blocks.0.ff.net.2",
+        "shape": [1024, 4096],
+        "action": "nvfp4",
+        "reason": "quantized",
+    }
     files = {row["path"]: row for row in data["files"]}
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     assert set(files) == on_disk - {MANIFEST}
     for rel, row in files.items():
-        assert row["sha256"] == sha256_file(root / rel) and row["size"] == (root / rel).stat().st_size
+        assert (
+            row["sha256"] == sha256_file(root / rel) and row["size"] == (root / rel).stat().st_size
+        )
     shards = [f for f in files if f.startswith("transformer/diffusion_pytorch_model-")]
     assert len(shards) >= 4  # --max-shard-size 10 MB over a 47 MiB transformer
     # other components are byte-identical copies
-    assert (root / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
-        (tiny_flux / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (root / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        tiny_flux / "vae" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
 
 
-def test_same_inputs_give_byte_identical_outputs(tiny_flux: Path, converted: dict[str, Path],
-                                                 tmp_path: Path) -> None:
-    again = convert(tmp_path / "again", fmt="nvfp4", source=tiny_flux, max_shard_size=10_000_000,
-                    progress=False).output
+def test_same_inputs_give_byte_identical_outputs(
+    tiny_flux: Path, converted: dict[str, Path], tmp_path: Path
+) -> None:
+    again = convert(
+        tmp_path / "again", fmt="nvfp4", source=tiny_flux, max_shard_size=10_000_000, progress=False
+    ).output
     assert tree_bytes(again) == tree_bytes(converted["nvfp4"])
 
 
 def test_skip_patterns_and_shape_rule(tiny_flux: Path, tmp_path: Path) -> None:
-    out = convert(tmp_path / "s", fmt="nvfp4", source=tiny_flux, transformer_only=True,
-                  skips=("single_transformer_blocks.*", "re:attn\\.to_[qk]$"),
-                  progress=False).output
+    out = convert(
+        tmp_path / "s",
+        fmt="nvfp4",
+        source=tiny_flux,
+        transformer_only=True,
+        skips=("single_transformer_blocks.*", "re:attn\\.to_[qk]$"),
+        progress=False,
+    ).output
     layers = {r["name"]: r for r in json.loads((out / MANIFEST).read_text())["layers"]}
-    assert layers["single_transformer_blocks.0.proj_mlp"]["reason"] == \
-        "--skip single_transformer_blocks.*"
+    assert (
+        layers["single_transformer_blocks.0.proj_mlp"]["reason"]
+        == "--skip single_transformer_blocks.*"
+    )
     assert layers["transformer_blocks.0.attn.to_q"]["reason"] == "--skip re:attn\\.to_[qk]$"
     assert layers["transformer_blocks.0.attn.to_v"]["action"] == "nvfp4"
     config = json.loads((out / "config.json").read_text())

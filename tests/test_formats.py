@@ -42,8 +42,10 @@ def assert_identical(ours: torch.Tensor, ref: torch.Tensor) -> None:
     for attr in ref.tensor_attribute_names:
         assert getattr(ours, attr) == getattr(ref, attr), attr
     # The serialized form (what lands in safetensors metadata) is identical too.
-    assert flatten_tensor_state_dict({"l.weight": ours})[1] == \
-        flatten_tensor_state_dict({"l.weight": ref})[1]
+    assert (
+        flatten_tensor_state_dict({"l.weight": ours})[1]
+        == flatten_tensor_state_dict({"l.weight": ref})[1]
+    )
 
 
 def nasty_weights() -> dict[str, torch.Tensor]:

@@ -34,8 +34,20 @@ def test_peak_rss_is_bounded_by_one_shard_plus_one_tensor(tmp_path: Path) -> Non
     shard = 16 * 10**6
     largest_tensor = 1024 * 5120 * 2  # single block proj_out, bf16
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, str(tmp_path / "src"), str(tmp_path / "out"), "mxfp8",
-         str(shard)], capture_output=True, text=True, check=False, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            PROBE,
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "mxfp8",
+            str(shard),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     growth = stats["peak"] - stats["base"]

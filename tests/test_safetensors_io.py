@@ -52,13 +52,17 @@ def test_we_read_what_safetensors_writes(tmp_path: Path) -> None:
     with (tmp_path / "b.safetensors").open("rb") as f:
         for name, t in tensors.items():
             got = read_tensor(header.tensors[name], f)
-            assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+            assert torch.equal(
+                got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)
+            ), name
 
 
 def test_writes_are_deterministic(tmp_path: Path) -> None:
     meta = {f"k{i}": json.dumps({"i": i}) for i in range(50)}
     write_file(tmp_path / "1.safetensors", sample(), meta)
-    write_file(tmp_path / "2.safetensors", dict(reversed(sample().items())), dict(reversed(meta.items())))
+    write_file(
+        tmp_path / "2.safetensors", dict(reversed(sample().items())), dict(reversed(meta.items()))
+    )
     assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "2.safetensors").read_bytes()
 
 

@@ -5,5 +5,16 @@ from qconvert.convert.plan import Layer, Plan, PlanError, make_plan
 from qconvert.convert.recipes import RECIPES, Recipe
 from qconvert.convert.source import SourceError
 
-__all__ = ["DEFAULT_MAX_SHARD", "RECIPES", "Layer", "OutputError", "Plan", "PlanError", "Recipe",
-           "Result", "SourceError", "convert", "make_plan"]
+__all__ = [
+    "DEFAULT_MAX_SHARD",
+    "RECIPES",
+    "Layer",
+    "OutputError",
+    "Plan",
+    "PlanError",
+    "Recipe",
+    "Result",
+    "SourceError",
+    "convert",
+    "make_plan",
+]

@@ -68,8 +68,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 @contextmanager
-def open_source(source: str | Path | None, recipe: Recipe, revision: str | None,
-                transformer_only: bool, seed: int = 0) -> Iterator[Source]:
+def open_source(
+    source: str | Path | None,
+    recipe: Recipe,
+    revision: str | None,
+    transformer_only: bool,
+    seed: int = 0,
+) -> Iterator[Source]:
     """Yield the source: a local folder, a Hub repo id, or (None) the recipe's tiny build."""
     if source is None:
         import importlib
@@ -104,8 +109,9 @@ def _work_dirs(output: Path, overwrite: bool) -> Path:
 def _shard_names(count: int) -> list[str]:
     if count == 1:
         return [WEIGHTS_FILE]
-    return [f"diffusion_pytorch_model-{i:05d}-of-{count:05d}.safetensors"
-            for i in range(1, count + 1)]
+    return [
+        f"diffusion_pytorch_model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)
+    ]
 
 
 def _quantize(item: Item, handle: BinaryIO, device: torch.device) -> dict[str, torch.Tensor]:
@@ -124,8 +130,9 @@ def _quantize(item: Item, handle: BinaryIO, device: torch.device) -> dict[str, t
     return {k: v.to("cpu") for k, v in flat.items()}
 
 
-def write_transformer(plan: Plan, source: Source, dst: Path, device: torch.device,
-                      progress: bool) -> None:
+def write_transformer(
+    plan: Plan, source: Source, dst: Path, device: torch.device, progress: bool
+) -> None:
     """Stream the transformer's tensors into quantized shards + index + config.json."""
     dst.mkdir(parents=True, exist_ok=True)
     names = _shard_names(len(plan.shards))
@@ -137,9 +144,17 @@ def write_transformer(plan: Plan, source: Source, dst: Path, device: torch.devic
     metadata["tensor_names"] = json.dumps(tensor_names)
     weight_map: dict[str, str] = {}
     total = 0
-    with ExitStack() as stack, tqdm(total=plan.source_bytes, unit="B", unit_scale=True,
-                                    unit_divisor=1024, desc="quantizing",
-                                    disable=not progress) as bar:
+    with (
+        ExitStack() as stack,
+        tqdm(
+            total=plan.source_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="quantizing",
+            disable=not progress,
+        ) as bar,
+    ):
         handles = {h.path: stack.enter_context(h.path.open("rb")) for h in source.shards}
         for shard_name, shard in zip(names, plan.shards, strict=True):
             tensors: dict[str, torch.Tensor] = {}
@@ -152,8 +167,7 @@ def write_transformer(plan: Plan, source: Source, dst: Path, device: torch.devic
                 total += t.numel() * t.dtype.itemsize
             del tensors
     if len(names) > 1:
-        index_meta = {"total_size": total,
-                      **{k: v for k, v in metadata.items() if k != "format"}}
+        index_meta = {"total_size": total, **{k: v for k, v in metadata.items() if k != "format"}}
         index = {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}
         (dst / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (dst / "config.json").write_text(_config_json(plan, source))

@@ -12,8 +12,15 @@ from qconvert.convert.source import Source, sha256_file
 
 MANIFEST = "qconvert.json"
 SCHEMA = 1
-PACKAGES = ("qconvert", "torch", "torchao", "diffusers", "transformers", "safetensors",
-            "huggingface_hub")
+PACKAGES = (
+    "qconvert",
+    "torch",
+    "torchao",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "huggingface_hub",
+)
 
 
 def versions() -> dict[str, str]:
@@ -44,13 +51,24 @@ def source_table(source: Source, copied: list[str]) -> list[dict[str, object]]:
         paths.add(source.root / rel)
     rows = []
     for path in sorted(paths):
-        rows.append({"path": path.relative_to(source.root).as_posix(),
-                     "size": path.stat().st_size, "sha256": sha256_file(path)})
+        rows.append(
+            {
+                "path": path.relative_to(source.root).as_posix(),
+                "size": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
     return rows
 
 
-def build(plan: Plan, source: Source, command: str, source_files: list[dict[str, object]],
-          files: list[dict[str, object]], transformer_only: bool) -> dict[str, object]:
+def build(
+    plan: Plan,
+    source: Source,
+    command: str,
+    source_files: list[dict[str, object]],
+    files: list[dict[str, object]],
+    transformer_only: bool,
+) -> dict[str, object]:
     from torchao.core.config import config_to_dict
 
     recipe = plan.recipe
@@ -75,8 +93,12 @@ def build(plan: Plan, source: Source, command: str, source_files: list[dict[str,
         "transformer_only": transformer_only,
         "summary": plan.summary(),
         "layers": [
-            {"name": layer.name, "shape": list(layer.shape), "action": layer.action,
-             "reason": layer.reason}
+            {
+                "name": layer.name,
+                "shape": list(layer.shape),
+                "action": layer.action,
+                "reason": layer.reason,
+            }
             for layer in plan.layers
         ],
         "files": files,

@@ -90,8 +90,14 @@ def meta_model(source: Source) -> torch.nn.Module:
         return cls.from_config(config)
 
 
-def decide(name: str, linear: torch.nn.Linear, dtype: torch.dtype, recipe: Recipe, fmt: Format,
-           skips: tuple[str, ...]) -> Layer:
+def decide(
+    name: str,
+    linear: torch.nn.Linear,
+    dtype: torch.dtype,
+    recipe: Recipe,
+    fmt: Format,
+    skips: tuple[str, ...],
+) -> Layer:
     shape = (linear.out_features, linear.in_features)
 
     def keep(reason: str) -> Layer:
@@ -114,8 +120,13 @@ def decide(name: str, linear: torch.nn.Linear, dtype: torch.dtype, recipe: Recip
     return Layer(name, shape, fmt.name, "quantized")
 
 
-def make_plan(source: Source, recipe: Recipe, fmt: Format, skips: tuple[str, ...] = (),
-              max_shard_bytes: int = 5 * 10**9) -> Plan:
+def make_plan(
+    source: Source,
+    recipe: Recipe,
+    fmt: Format,
+    skips: tuple[str, ...] = (),
+    max_shard_bytes: int = 5 * 10**9,
+) -> Plan:
     if source.class_name != recipe.transformer_class:
         from qconvert.convert.recipes import recipe_for_class
 
@@ -129,7 +140,9 @@ def make_plan(source: Source, recipe: Recipe, fmt: Format, skips: tuple[str, ...
     for header in source.shards:
         for name, info in header.tensors.items():
             if name in infos:
-                raise SourceError(f"{header.path}: tensor {name!r} also appears in {infos[name].path}")
+                raise SourceError(
+                    f"{header.path}: tensor {name!r} also appears in {infos[name].path}"
+                )
             infos[name] = info
     model = meta_model(source)
     expected = dict(model.state_dict())

@@ -142,8 +142,14 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         try:
             dtype = DTYPE_NAMES[t.dtype]
         except KeyError:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}") from None
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} has unsupported dtype {t.dtype}"
+            ) from None
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-(8 + len(raw)) % 8)

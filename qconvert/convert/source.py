@@ -112,8 +112,9 @@ def open_local(path: Path, description: dict[str, object] | None = None) -> Sour
                 f"qconvert converts diffusion-transformer pipelines"
             )
         config = _read_json(tdir / "config.json")
-        return Source(path, tdir, config, _transformer_shards(tdir), description, False,
-                      model_index)
+        return Source(
+            path, tdir, config, _transformer_shards(tdir), description, False, model_index
+        )
     if (path / "config.json").is_file():
         config = _read_json(path / "config.json")
         if "_class_name" in config and "_diffusers_version" in config:
@@ -124,8 +125,9 @@ def open_local(path: Path, description: dict[str, object] | None = None) -> Sour
     )
 
 
-def download(repo_id: str, revision: str | None, transformer_only: bool, cache_dir: Path | None
-             ) -> Source:
+def download(
+    repo_id: str, revision: str | None, transformer_only: bool, cache_dir: Path | None
+) -> Source:
     """Fetch only the files a conversion needs from the Hub and open them."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
@@ -140,18 +142,25 @@ def download(repo_id: str, revision: str | None, transformer_only: bool, cache_d
         info = api.model_info(repo_id, revision=revision)
         files = {s.rfilename for s in info.siblings or []}
         if "model_index.json" in files:
-            index_path = api.hf_hub_download(repo_id, "model_index.json", revision=info.sha,
-                                              cache_dir=cache_dir)
+            index_path = api.hf_hub_download(
+                repo_id, "model_index.json", revision=info.sha, cache_dir=cache_dir
+            )
             model_index = _read_json(Path(index_path))
-            folders = ["transformer"] if transformer_only else [
-                k for k, v in model_index.items()
-                if not k.startswith("_") and isinstance(v, list) and v[0] is not None
-            ]
+            folders = (
+                ["transformer"]
+                if transformer_only
+                else [
+                    k
+                    for k, v in model_index.items()
+                    if not k.startswith("_") and isinstance(v, list) and v[0] is not None
+                ]
+            )
             patterns = ["model_index.json", "LICENSE*"] + [f"{d}/*" for d in folders]
         else:
             patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
-        local = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns,
-                                  cache_dir=cache_dir)
+        local = snapshot_download(
+            repo_id, revision=info.sha, allow_patterns=patterns, cache_dir=cache_dir
+        )
     except GatedRepoError as e:
         raise SourceError(
             f"{repo_id}: gated repo; accept its license on the Hub, then `hf auth login`"
@@ -164,6 +173,10 @@ def download(repo_id: str, revision: str | None, transformer_only: bool, cache_d
         raise SourceError(f"{repo_id}: revision {revision!r} not found") from e
     except HfHubHTTPError as e:
         raise SourceError(f"{repo_id}: download failed ({e}); re-run to resume") from e
-    description = {"kind": "hub", "repo_id": repo_id, "revision": revision or "main",
-                   "commit": info.sha}
+    description = {
+        "kind": "hub",
+        "repo_id": repo_id,
+        "revision": revision or "main",
+        "commit": info.sha,
+    }
     return open_local(Path(local), description)

@@ -73,14 +73,34 @@ SCHEDULER = {
     "use_dynamic_shifting": True,
 }
 # What a converted tiny pipeline is called with in tests and the CLI's load hint.
-CALL = {"height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 3.5,
-        "max_sequence_length": 32}
+CALL = {
+    "height": 32,
+    "width": 32,
+    "num_inference_steps": 2,
+    "guidance_scale": 3.5,
+    "max_sequence_length": 32,
+}
 
-_WORDS = [*string.ascii_lowercase, *string.digits, "a", "cat", "dog", "holding", "sign", "says",
-          "hello", "world", "photo", "of", "the", "red", "blue"]
+_WORDS = [
+    *string.ascii_lowercase,
+    *string.digits,
+    "a",
+    "cat",
+    "dog",
+    "holding",
+    "sign",
+    "says",
+    "hello",
+    "world",
+    "photo",
+    "of",
+    "the",
+    "red",
+    "blue",
+]
 
 
-def _clip_tokenizer():  # noqa: ANN202 - transformers type
+def _clip_tokenizer():
     from transformers import CLIPTokenizer
 
     specials = ["<|startoftext|>", "<|endoftext|>"]
@@ -91,7 +111,7 @@ def _clip_tokenizer():  # noqa: ANN202 - transformers type
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _t5_tokenizer():  # noqa: ANN202 - transformers type
+def _t5_tokenizer():
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
@@ -100,7 +120,7 @@ def _t5_tokenizer():  # noqa: ANN202 - transformers type
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_pipeline(seed: int = 0):  # noqa: ANN201 - diffusers type
+def build_pipeline(seed: int = 0):
     """The tiny FluxPipeline in memory: transformer in bf16 (as FLUX.1-dev ships), rest fp32."""
     from diffusers import (
         AutoencoderKL,
@@ -117,12 +137,14 @@ def build_pipeline(seed: int = 0):  # noqa: ANN201 - diffusers type
     vae = AutoencoderKL(**VAE)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(clip_tok), bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                       **CLIP)
+        CLIPTextConfig(
+            vocab_size=len(clip_tok), bos_token_id=0, eos_token_id=1, pad_token_id=1, **CLIP
+        )
     )
     torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), pad_token_id=0,
-                                             eos_token_id=1, **T5))
+    text_encoder_2 = T5EncoderModel(
+        T5Config(vocab_size=len(t5_tok), pad_token_id=0, eos_token_id=1, **T5)
+    )
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
         vae=vae,

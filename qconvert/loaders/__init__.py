@@ -23,8 +23,9 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def load_pipeline(path_or_repo: str | Path, device: str | torch.device | None = "auto",
-                  **kwargs: Any) -> Any:
+def load_pipeline(
+    path_or_repo: str | Path, device: str | torch.device | None = "auto", **kwargs: Any
+) -> Any:
     """``DiffusionPipeline.from_pretrained`` + device preparation of the quantized weights."""
     from diffusers import DiffusionPipeline
 
@@ -36,8 +37,12 @@ def load_pipeline(path_or_repo: str | Path, device: str | torch.device | None = 
     return pipe
 
 
-def load_transformer(path_or_repo: str | Path, device: str | torch.device | None = "auto",
-                     subfolder: str | None = None, **kwargs: Any) -> Any:
+def load_transformer(
+    path_or_repo: str | Path,
+    device: str | torch.device | None = "auto",
+    subfolder: str | None = None,
+    **kwargs: Any,
+) -> Any:
     """Load the quantized transformer alone: a transformer folder, or a pipeline's
     ``transformer/`` (the default when the folder has no config.json of its own)."""
     from diffusers import AutoModel

@@ -101,6 +101,13 @@ def prepare(model: torch.nn.Module, device: torch.device) -> dict[str, str]:
             chosen[kind] = path.name
     for kind, n in sorted(counts.items()):
         path = TABLE[(kind, dclass)]
-        log.warning("qconvert: %d %s weights on %s run %s: %s (%s)", n, kind, device,
-                    path.name, path.description, WHY[dclass])
+        log.warning(
+            "qconvert: %d %s weights on %s run %s: %s (%s)",
+            n,
+            kind,
+            device,
+            path.name,
+            path.description,
+            WHY[dclass],
+        )
     return chosen
