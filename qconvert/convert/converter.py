@@ -184,12 +184,15 @@ def _config_json(plan: Plan, source: Source) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-def _copy_components(source: Source, dst: Path) -> list[str]:
-    """Copy model_index.json, the other components and LICENSE files verbatim."""
+def _copy_components(source: Source, dst: Path, transformer_only: bool) -> list[str]:
+    """Copy the base model's LICENSE files and, for a whole pipeline, model_index.json and the
+    other components, verbatim."""
     copied = []
-    files = [source.root / "model_index.json", *sorted(source.root.glob("LICENSE*"))]
-    for name in source.component_dirs():
-        files += sorted(p for p in (source.root / name).rglob("*") if p.is_file())
+    files = sorted(source.root.glob("LICENSE*"))
+    if not transformer_only:
+        files.append(source.root / "model_index.json")
+        for name in source.component_dirs():
+            files += sorted(p for p in (source.root / name).rglob("*") if p.is_file())
     for path in files:
         rel = path.relative_to(source.root)
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +238,7 @@ def convert(
         stamps = {h.path: _stamp(h.path) for h in src.shards}
         try:
             work.mkdir()
-            copied = [] if only else _copy_components(src, work)
+            copied = _copy_components(src, work, only)
             write_transformer(plan, src, work if only else work / "transformer", dev, progress)
             source_files = manifest.source_table(src, copied)
             for header in src.shards:
