@@ -6,7 +6,9 @@ import logging
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -53,11 +55,20 @@ def _quiet_libraries() -> None:
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    from qconvert.convert import OutputError, PlanError, SourceError
+    from qconvert.convert import OutputError, PlanError, RecipeError, SourceError
     from qconvert.convert.safetensors_io import SafetensorsError
     from qconvert.formats import FormatError
 
-    return (OutputError, PlanError, SourceError, SafetensorsError, FormatError, ValueError, OSError)
+    return (
+        OutputError,
+        PlanError,
+        RecipeError,
+        SourceError,
+        SafetensorsError,
+        FormatError,
+        ValueError,
+        OSError,
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,15 +80,137 @@ def main() -> None:
     \b
     Examples:
       qconvert flux --format nvfp4 --tiny -o out/tiny-flux-nvfp4
-      qconvert flux --format mxfp8 --source ./FLUX.1-dev -o FLUX.1-dev-mxfp8
-      qconvert inspect FLUX.1-dev-mxfp8
+      qconvert qwenimage --format mxfp8 --source ./Qwen-Image -o Qwen-Image-mxfp8
+      qconvert model ./some-dit-pipeline --format nvfp4      # any diffusers transformer
+      qconvert plan ltx2 --format nvfp4 --real-config        # what would be quantized, no weights
+      qconvert inspect Qwen-Image-mxfp8 --verify
     """
 
 
-def _family_command(family: str) -> click.Command:
-    from qconvert.convert.recipes import RECIPES
+def _selection_options(f: Callable[..., None]) -> Callable[..., None]:
+    """--skip / --only / --recipe / --strict: shared by convert and plan commands."""
+    options = [
+        click.option(
+            "--skip",
+            "skips",
+            multiple=True,
+            metavar="PATTERN",
+            help="Keep matching layers in bf16 (substring, glob, or re:REGEX). Repeatable.",
+        ),
+        click.option(
+            "--only",
+            multiple=True,
+            metavar="PATTERN",
+            help="Quantize only matching layers (the recipe's other rules still apply). "
+            "Repeatable.",
+        ),
+        click.option(
+            "--recipe",
+            "recipe_file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="TOML recipe file mapping patterns to formats or to keep (see README).",
+        ),
+        click.option("--strict", is_flag=True, help="Fail when a pattern matches no Linear layer."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
-    recipe = RECIPES[family]
+
+def _convert_options(f: Callable[..., None]) -> Callable[..., None]:
+    """Options every convert command takes."""
+    options = [
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(sorted(FORMATS)),
+            required=True,
+            help="Weight format (a --recipe file may set others per layer).",
+        ),
+        click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources)."),
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Output folder [default: ./<source name>-<format>].",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+            help="Where to quantize.",
+        ),
+        _selection_options,
+        click.option(
+            "--transformer-only",
+            is_flag=True,
+            help="Write only the transformer folder (no other pipeline components).",
+        ),
+        click.option(
+            "--max-shard-size",
+            default="5GB",
+            show_default=True,
+            help="Largest output shard (bounds memory use: about one shard).",
+        ),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_convert(family: str, source: str | None, stem: str, opts: dict[str, Any]) -> None:
+    output = opts.pop("output") or Path(f"{stem}-{opts['fmt']}")
+    shard = parse_size(opts.pop("max_shard_size"))
+    quiet = opts.pop("quiet")
+    _quiet_libraries()
+    from qconvert.convert import convert
+
+    try:
+        result = convert(
+            output,
+            family=family,
+            source=source,
+            max_shard_size=shard,
+            progress=not quiet,
+            command=shlex.join(["qconvert", *sys.argv[1:]]),
+            **opts,
+        )
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; nothing was written") from None
+    except _errors() as e:
+        raise click.ClickException(str(e)) from None
+    s = result.plan.summary()
+    recipe = result.plan.recipe
+    click.echo(
+        f"wrote {result.output} ({', '.join(result.plan.formats)}; recipe {recipe.name}): "
+        f"{s['quantized_layers']}/{s['linear_layers']} Linear layers quantized "
+        f"({float(s['quantized_share']):.1%} of params), transformer "
+        f"{_gib(int(s['bf16_bytes']))} bf16 → {_gib(int(s['output_bytes']))} "
+        f"({float(s['size_ratio']):.2f}×) in {result.seconds:.1f} s"
+    )
+    out = str(result.output)
+    click.echo("load it with:")
+    if not (result.output / "config.json").exists():
+        click.echo(
+            f"  from diffusers import DiffusionPipeline; "
+            f"pipe = DiffusionPipeline.from_pretrained({out!r})"
+        )
+        click.echo(f"  from qconvert.loaders import load_pipeline; pipe = load_pipeline({out!r})")
+    else:
+        click.echo(
+            f"  from qconvert.loaders import load_transformer; t = load_transformer({out!r})"
+        )
+
+
+def _family_command(family: str) -> click.Command:
+    from qconvert.convert.recipes import families
+
+    recipe = families()[family]
 
     @click.command(
         name=family,
@@ -90,11 +223,8 @@ def _family_command(family: str) -> click.Command:
           qconvert {family} --format nvfp4 --tiny -o out/tiny-{family}-nvfp4
           qconvert {family} --format mxfp8 --source ./local-pipeline -o out/{family}-mxfp8
           qconvert {family} --format nvfp4 --source {recipe.default_source} --revision main
-          qconvert {family} --format nvfp4 --tiny --skip 'single_transformer_blocks.*' -o out/x
+          qconvert {family} --format nvfp4 --tiny --recipe mixed.toml -o out/mixed
         """,
-    )
-    @click.option(
-        "--format", "fmt", type=click.Choice(sorted(FORMATS)), required=True, help="Weight format."
     )
     @click.option(
         "--source",
@@ -102,115 +232,129 @@ def _family_command(family: str) -> click.Command:
         metavar="PATH|REPO",
         help=f"Local diffusers folder or Hub repo id [default: {recipe.default_source}].",
     )
-    @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources).")
     @click.option(
         "--tiny",
         is_flag=True,
         help="Convert the embedded tiny pipeline (real classes, seeded random "
         "weights; offline, seconds).",
     )
-    @click.option(
-        "-o",
-        "--output",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="Output folder [default: ./<source name>-<format>].",
-    )
-    @click.option(
-        "--device",
-        type=click.Choice(["auto", "cpu", "cuda"]),
-        default="auto",
-        show_default=True,
-        help="Where to quantize.",
-    )
-    @click.option(
-        "--skip",
-        "skips",
-        multiple=True,
-        metavar="PATTERN",
-        help="Keep matching layers in bf16 (substring, glob, or re:REGEX). Repeatable.",
-    )
-    @click.option(
-        "--transformer-only",
-        is_flag=True,
-        help="Write only the transformer folder (no other pipeline components).",
-    )
-    @click.option(
-        "--max-shard-size",
-        default="5GB",
-        show_default=True,
-        help="Largest output shard (bounds memory use: about one shard).",
-    )
-    @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-    @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-    def command(
-        fmt: str,
-        source: str | None,
-        revision: str | None,
-        tiny: bool,
-        output: Path | None,
-        device: str,
-        skips: tuple[str, ...],
-        transformer_only: bool,
-        max_shard_size: str,
-        overwrite: bool,
-        quiet: bool,
-    ) -> None:
+    @_convert_options
+    def command(source: str | None, tiny: bool, **opts: Any) -> None:
         if tiny and source:
             raise click.UsageError("--tiny and --source exclude each other")
-        if tiny and revision:
+        if tiny and opts["revision"]:
             raise click.UsageError("--revision applies to Hub sources, not --tiny")
-        shard = parse_size(max_shard_size)
         src = None if tiny else (source or recipe.default_source)
-        if output is None:
-            stem = f"tiny-{family}" if tiny else Path(str(src).rstrip("/")).name
-            output = Path(f"{stem}-{fmt}")
-        _quiet_libraries()
-        from qconvert.convert import convert
-
-        try:
-            result = convert(
-                output,
-                family=family,
-                fmt=fmt,
-                source=src,
-                revision=revision,
-                skips=skips,
-                transformer_only=transformer_only,
-                overwrite=overwrite,
-                max_shard_size=shard,
-                device=device,
-                progress=not quiet,
-                command=shlex.join(["qconvert", *sys.argv[1:]]),
-            )
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted; nothing was written") from None
-        except _errors() as e:
-            raise click.ClickException(str(e)) from None
-        s = result.plan.summary()
-        click.echo(
-            f"wrote {result.output} ({fmt}): {s['quantized_layers']}/{s['linear_layers']} Linear "
-            f"layers quantized ({float(s['quantized_share']):.1%} of params), transformer "
-            f"{_gib(int(s['bf16_bytes']))} bf16 → {_gib(int(s['output_bytes']))} "
-            f"({float(s['size_ratio']):.2f}×) in {result.seconds:.1f} s"
-        )
-        sub = (
-            ""
-            if (transformer_only or (result.output / "config.json").exists())
-            else ', subfolder="transformer"'
-        )
-        click.echo("load it with:")
-        if sub:
-            click.echo(
-                f"  from diffusers import DiffusionPipeline; "
-                f"pipe = DiffusionPipeline.from_pretrained({str(result.output)!r})"
-            )
-        click.echo(
-            f"  from qconvert.loaders import load_transformer; "
-            f"t = load_transformer({str(result.output)!r})"
-        )
+        stem = f"tiny-{family}" if tiny else Path(str(src).rstrip("/")).name
+        _run_convert(family, src, stem, opts)
 
     return command
+
+
+@main.command()
+@click.argument("source", metavar="SOURCE")
+@_convert_options
+def model(source: str, **opts: Any) -> None:
+    """Convert any diffusers pipeline or transformer folder (local path or Hub repo id).
+
+    Uses the family recipe when the transformer class has one, else the generic recipe:
+    quantize the Linear layers inside the model's repeated blocks (its `_repeated_blocks`),
+    keep everything outside them, with the size and shape rules. It says which it used.
+
+    \b
+    Examples:
+      qconvert model ./my-dit-pipeline --format nvfp4 -o my-dit-nvfp4
+      qconvert model org/some-dit --revision main --format mxfp8 --only 're:\\.ff\\.'
+    """
+    _run_convert("auto", source, Path(source.rstrip("/")).name, opts)
+
+
+@main.command()
+@click.argument("target", metavar="FAMILY|SOURCE")
+@click.option(
+    "--format", "fmt", type=click.Choice(sorted(FORMATS)), required=True, help="Weight format."
+)
+@click.option(
+    "--source", default=None, metavar="PATH|REPO", help="Family's source [default: its Hub repo]."
+)
+@click.option("--revision", default=None, help="Hub branch, tag or commit.")
+@click.option("--tiny", is_flag=True, help="Plan the family's embedded tiny pipeline.")
+@click.option(
+    "--real-config",
+    is_flag=True,
+    help="Plan the family's real architecture from the config the recipe records (no "
+    "download at all).",
+)
+@_selection_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(
+    target: str,
+    fmt: str,
+    source: str | None,
+    revision: str | None,
+    tiny: bool,
+    real_config: bool,
+    as_json: bool,
+    **selection: Any,
+) -> None:
+    """Show what a conversion would do, reading only safetensors headers: per-layer decision
+    and reason, the parameter share quantized and the estimated size vs bf16. Seconds.
+
+    \b
+    Examples:
+      qconvert plan flux --format nvfp4 --tiny
+      qconvert plan qwenimage --format nvfp4 --real-config --json
+      qconvert plan ./my-dit-pipeline --format mxfp8 --skip 'blocks.0.'
+    """
+    _quiet_libraries()
+    from qconvert.convert import families
+    from qconvert.inspect import render_plan
+
+    known = families()
+    if target not in known and (source or tiny or real_config):
+        raise click.UsageError("--source, --tiny and --real-config need a family name")
+    if sum(map(bool, (source, tiny, real_config))) > 1:
+        raise click.UsageError("--source, --tiny and --real-config exclude each other")
+    try:
+        result = _make_plan(target, fmt, source, revision, tiny, real_config, selection)
+    except _errors() as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(render_plan(result, as_json))
+
+
+def _make_plan(
+    target: str,
+    fmt: str,
+    source: str | None,
+    revision: str | None,
+    tiny: bool,
+    real_config: bool,
+    selection: dict[str, Any],
+) -> Any:
+    from qconvert.convert import families, plan_for, selection_for
+    from qconvert.convert.converter import open_source
+    from qconvert.convert.plan import real_config_source
+    from qconvert.convert.source import looks_like_repo_id, remote_headers
+
+    chosen = selection_for(selection["skips"], selection["only"], selection["recipe_file"])
+    strict = selection["strict"]
+    known = families()
+    family = target if target in known else "auto"
+    recipe = known.get(target)
+    if real_config and recipe:
+        return plan_for(real_config_source(recipe), family, fmt, chosen, strict)
+    if tiny and recipe:
+        with open_source(None, recipe, None, False) as src:
+            return plan_for(src, family, fmt, chosen, strict)
+    where = source or (recipe.default_source if recipe else target)
+    if looks_like_repo_id(where):
+        return plan_for(remote_headers(where, revision), family, fmt, chosen, strict)
+    if family == "auto" and not Path(where).exists():
+        raise click.UsageError(
+            f"{target!r} is neither a family ({', '.join(known)}) nor an existing path or repo id"
+        )
+    with open_source(where, recipe, revision, False) as src:
+        return plan_for(src, family, fmt, chosen, strict)
 
 
 def _gib(n: int) -> str:
@@ -247,9 +391,9 @@ def inspect(path: Path, verify: bool, as_json: bool) -> None:
 
 
 def _register() -> None:
-    from qconvert.convert.recipes import RECIPES
+    from qconvert.convert.recipes import families
 
-    for family in RECIPES:
+    for family in families():
         main.add_command(_family_command(family))
 
 

@@ -1,12 +1,14 @@
-"""Human-readable view of a qconvert output, from its manifest."""
+"""Human-readable views: a qconvert output (from its manifest) and a conversion plan."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 from qconvert.convert import manifest as mf
+from qconvert.convert.plan import Plan
 from qconvert.convert.source import sha256_file
 
 _BLOCK = re.compile(r"(blocks)\.\d+\.")
@@ -46,19 +48,63 @@ def render(root: Path) -> tuple[str, dict[str, Any]]:
         f"({s['size_ratio']:.3f}×, saves {_gib(s['bf16_bytes'] - s['output_bytes'])})",
         "",
         "layers (blocks collapsed: N = every block index):",
+        *layer_table(data["layers"], collapse=True),
     ]
+    return "\n".join(lines), data
+
+
+def layer_table(layers: list[dict[str, Any]], collapse: bool) -> list[str]:
+    """Rows of name, shape, decision (and the reason when kept); block indices collapsed to N
+    with a count when ``collapse``."""
     rows: dict[tuple[str, str, str], int] = {}
-    for layer in data["layers"]:
-        key = (
-            _BLOCK.sub(r"\1.N.", layer["name"]),
-            "x".join(map(str, layer["shape"])),
-            f"{layer['action']}" + ("" if layer["action"] != "keep" else f" ({layer['reason']})"),
-        )
+    for layer in layers:
+        name = _BLOCK.sub(r"\1.N.", layer["name"]) if collapse else layer["name"]
+        reason = layer["reason"]
+        what = layer["action"] + ("" if reason == "quantized" else f" ({reason})")
+        key = (name, "x".join(map(str, layer["shape"])), what)
         rows[key] = rows.get(key, 0) + 1
     width = max((len(k[0]) for k in rows), default=10)
-    for (name, shape, what), count in rows.items():
-        lines.append(f"  {name:<{width}}  {shape:>11}  ×{count:<3} {what}")
-    return "\n".join(lines), data
+    count = (lambda n: f"×{n:<3} ") if collapse else (lambda n: "")
+    return [
+        f"  {name:<{width}}  {shape:>11}  {count(n)}{what}"
+        for (name, shape, what), n in rows.items()
+    ]
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    return {
+        "recipe": plan.recipe.name,
+        "transformer_class": plan.source_class,
+        "source": plan.source_description,
+        "default_format": plan.fmt.name,
+        "formats": plan.formats,
+        "summary": plan.summary(),
+        "unmatched_patterns": plan.unmatched,
+        "layers": [
+            {"name": x.name, "shape": list(x.shape), "action": x.action, "reason": x.reason}
+            for x in plan.layers
+        ],
+    }
+
+
+def render_plan(plan: Plan, as_json: bool) -> str:
+    data = plan_dict(plan)
+    if as_json:
+        return json.dumps(data, indent=2, sort_keys=True)
+    s = data["summary"]
+    lines = [
+        f"plan: {plan.source_class} with recipe {plan.recipe.name} ({plan.recipe.title}), "
+        f"format {', '.join(plan.formats) or plan.fmt.name}",
+        *layer_table(data["layers"], collapse=False),
+        "",
+        f"{s['quantized_layers']}/{s['linear_layers']} Linear layers quantized; "
+        f"{s['params_quantized']:,} of {s['params']:,} params ({s['quantized_share']:.1%})",
+        f"transformer: {_gib(s['bf16_bytes'])} as bf16 → {_gib(s['output_bytes'])} estimated "
+        f"({s['size_ratio']:.3f}×)",
+    ]
+    if plan.unmatched:
+        lines.append(f"patterns matching no layer: {', '.join(plan.unmatched)}")
+    return "\n".join(lines)
 
 
 def verify_files(root: Path, data: dict[str, Any]) -> None:

@@ -270,9 +270,11 @@ def test_skip_patterns_and_shape_rule(tiny_flux: Path, tmp_path: Path) -> None:
 
 def test_shape_rule_keeps_indivisible_layers() -> None:
     from qconvert.convert.plan import decide
-    from qconvert.convert.recipes import FLUX
+    from qconvert.convert.recipes import families
+
+    FLUX = families()["flux"]
 
     linear = torch.nn.Linear(3072, 1048, device="meta")  # 1048 % 16 != 0
-    layer = decide("blocks.0.ff", linear, torch.bfloat16, FLUX, FORMATS["nvfp4"], ())
+    layer = decide("blocks.0.ff", linear, torch.bfloat16, FLUX, FORMATS["nvfp4"])
     assert layer.action == "keep" and "out_features 1048 not divisible by 16" in layer.reason
-    assert decide("blocks.0.ff", linear, torch.bfloat16, FLUX, FORMATS["mxfp8"], ()).quantized
+    assert decide("blocks.0.ff", linear, torch.bfloat16, FLUX, FORMATS["mxfp8"]).quantized

@@ -1,20 +1,31 @@
 """bf16 diffusers checkpoints → quantized checkpoints (and, later, Hub push)."""
 
-from qconvert.convert.converter import DEFAULT_MAX_SHARD, OutputError, Result, convert
-from qconvert.convert.plan import Layer, Plan, PlanError, make_plan
-from qconvert.convert.recipes import RECIPES, Recipe
+from qconvert.convert.converter import (
+    DEFAULT_MAX_SHARD,
+    OutputError,
+    Result,
+    convert,
+    plan_for,
+    selection_for,
+)
+from qconvert.convert.plan import Layer, Plan, PlanError, Selection, make_plan
+from qconvert.convert.recipes import Recipe, RecipeError, families
 from qconvert.convert.source import SourceError
 
 __all__ = [
     "DEFAULT_MAX_SHARD",
-    "RECIPES",
     "Layer",
     "OutputError",
     "Plan",
     "PlanError",
     "Recipe",
+    "RecipeError",
     "Result",
+    "Selection",
     "SourceError",
     "convert",
+    "families",
     "make_plan",
+    "plan_for",
+    "selection_for",
 ]

@@ -24,8 +24,16 @@ import torch
 from tqdm.auto import tqdm
 
 from qconvert.convert import manifest
-from qconvert.convert.plan import Item, Plan, make_plan
-from qconvert.convert.recipes import RECIPES, Recipe, check_pattern
+from qconvert.convert.plan import Item, Plan, PlanError, Selection, make_plan
+from qconvert.convert.recipes import (
+    Recipe,
+    RecipeError,
+    check_pattern,
+    families,
+    generic,
+    load_user_recipe,
+    recipe_for_class,
+)
 from qconvert.convert.safetensors_io import TensorInfo, read_tensor, write_file
 from qconvert.convert.source import (
     WEIGHTS_FILE,
@@ -36,7 +44,7 @@ from qconvert.convert.source import (
     looks_like_repo_id,
     open_local,
 )
-from qconvert.formats import get_format
+from qconvert.formats import FORMATS, get_format
 
 log = logging.getLogger("qconvert")
 DEFAULT_MAX_SHARD = 5 * 10**9
@@ -70,7 +78,7 @@ def resolve_device(device: str) -> torch.device:
 @contextmanager
 def open_source(
     source: str | Path | None,
-    recipe: Recipe,
+    recipe: Recipe | None,
     revision: str | None,
     transformer_only: bool,
     seed: int = 0,
@@ -78,6 +86,9 @@ def open_source(
     """Yield the source: a local folder, a Hub repo id, or (None) the recipe's tiny build."""
     if source is None:
         import importlib
+
+        if recipe is None or not recipe.tiny_module:
+            raise SourceError("no tiny build for this recipe; give a source")
 
         tiny = importlib.import_module(recipe.tiny_module)
         with tempfile.TemporaryDirectory(prefix="qconvert-tiny-") as tmp:
@@ -177,10 +188,16 @@ def _config_json(plan: Plan, source: Source) -> str:
     from diffusers import TorchAoConfig
 
     kept = [layer.name for layer in plan.layers if not layer.quantized]
+    if plan.formats == [plan.fmt.name]:
+        quant_type = plan.fmt.config()  # what diffusers writes for a one-format model
+    else:
+        from torchao.quantization import FqnToConfig
+
+        quant_type = FqnToConfig(
+            {layer.name: FORMATS[layer.action].config() for layer in plan.layers if layer.quantized}
+        )
     config = dict(source.config)
-    config["quantization_config"] = TorchAoConfig(
-        plan.fmt.config(), modules_to_not_convert=kept
-    ).to_dict()
+    config["quantization_config"] = TorchAoConfig(quant_type, modules_to_not_convert=kept).to_dict()
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
@@ -201,6 +218,65 @@ def _copy_components(source: Source, dst: Path, transformer_only: bool) -> list[
     return copied
 
 
+def selection_for(
+    skips: tuple[str, ...] = (), only: tuple[str, ...] = (), recipe_file: str | Path | None = None
+) -> Selection:
+    """Check the user's patterns and recipe file; errors name the pattern or the file."""
+    for flag, patterns in (("--skip", skips), ("--only", only)):
+        for pattern in patterns:
+            problem = check_pattern(pattern)
+            if problem:
+                raise RecipeError(f"{flag} {pattern!r}: {problem}")
+    user = load_user_recipe(Path(recipe_file)) if recipe_file else None
+    return Selection(tuple(skips), tuple(only), user)
+
+
+def recipe_for(family: str, source: Source) -> Recipe:
+    """The family's recipe; for "auto", the family whose class the source has, else generic."""
+    if family != "auto":
+        try:
+            return families()[family]
+        except KeyError:
+            raise RecipeError(
+                f"unknown family {family!r}; choose one of: {', '.join(families())}"
+            ) from None
+    found = recipe_for_class(source.class_name)
+    return found or generic()
+
+
+def plan_for(
+    source: Source,
+    family: str,
+    fmt: str,
+    selection: Selection,
+    strict: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
+) -> Plan:
+    """Make the plan and report patterns that match nothing (an error with ``strict``)."""
+    recipe = recipe_for(family, source)
+    default = get_format(selection.user.format if selection.user and selection.user.format else fmt)
+    plan = make_plan(source, recipe, default, selection, max_shard_size)
+    user_patterns = set(selection.patterns())
+    for pattern in plan.unmatched:
+        if pattern in user_patterns:
+            if strict:
+                raise RecipeError(f"pattern {pattern!r} matches no Linear layer (--strict)")
+            log.warning("qconvert: pattern %r matches no Linear layer", pattern)
+        else:
+            log.warning(
+                "qconvert: recipe %s pattern %r matches no Linear layer of %s",
+                recipe.name,
+                pattern,
+                source.class_name,
+            )
+    if not any(layer.quantized for layer in plan.layers):
+        raise PlanError(
+            f"{source.transformer_dir}: no Linear layer would be quantized; check --only, "
+            f"--skip and the recipe"
+        )
+    return plan
+
+
 def convert(
     output: str | Path,
     *,
@@ -209,6 +285,9 @@ def convert(
     source: str | Path | None = None,
     revision: str | None = None,
     skips: tuple[str, ...] = (),
+    only: tuple[str, ...] = (),
+    recipe_file: str | Path | None = None,
+    strict: bool = False,
     transformer_only: bool = False,
     overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD,
@@ -216,36 +295,37 @@ def convert(
     progress: bool = True,
     command: str = "qconvert (python API)",
 ) -> Result:
-    """Convert a diffusers pipeline's transformer to ``fmt``; returns where it went and how.
+    """Convert a diffusers pipeline's transformer; returns where it went and how.
 
-    ``source`` is a local folder, a Hub repo id, or None for the family's tiny build.
+    ``family`` is a family name or "auto" (the source's family if known, else the generic
+    recipe); ``source`` is a local folder, a Hub repo id, or None for the family's tiny build.
     """
     start = time.perf_counter()
-    recipe = RECIPES[family]
-    weight_format = get_format(fmt)
-    for pattern in skips:
-        problem = check_pattern(pattern)
-        if problem:
-            raise ValueError(f"--skip {pattern!r}: {problem}")
+    get_format(fmt)
+    selection = selection_for(skips, only, recipe_file)
     if max_shard_size <= 0:
         raise ValueError("--max-shard-size must be positive")
+    if source is None and family == "auto":
+        raise SourceError("give a source (a local folder or a Hub repo id)")
     output = Path(output)
     dev = resolve_device(device)
     work = _work_dirs(output, overwrite)
-    with open_source(source, recipe, revision, transformer_only) as src:
-        plan = make_plan(src, recipe, weight_format, tuple(skips), max_shard_size)
-        only = transformer_only or src.transformer_only
+    tiny = families().get(family) if source is None else None
+    with open_source(source, tiny, revision, transformer_only) as src:
+        plan = plan_for(src, family, fmt, selection, strict, max_shard_size)
+        only_transformer = transformer_only or src.transformer_only
         stamps = {h.path: _stamp(h.path) for h in src.shards}
         try:
             work.mkdir()
-            copied = _copy_components(src, work, only)
-            write_transformer(plan, src, work if only else work / "transformer", dev, progress)
+            copied = _copy_components(src, work, only_transformer)
+            dst = work if only_transformer else work / "transformer"
+            write_transformer(plan, src, dst, dev, progress)
             source_files = manifest.source_table(src, copied)
             for header in src.shards:
                 if _stamp(header.path) != stamps[header.path]:
                     raise SourceError(f"{header.path}: changed during conversion; re-run")
             files = manifest.file_table(work)
-            data = manifest.build(plan, src, command, source_files, files, only)
+            data = manifest.build(plan, src, command, source_files, files, only_transformer)
             (work / manifest.MANIFEST).write_text(manifest.dumps(data))
             _replace(work, output)
         except BaseException:

@@ -72,6 +72,7 @@ def build(
     from torchao.core.config import config_to_dict
 
     recipe = plan.recipe
+    user = plan.selection.user
     return {
         "schema": SCHEMA,
         "tool": "qconvert",
@@ -84,11 +85,27 @@ def build(
             "bits_per_element": plan.fmt.bits_per_element,
             "torchao_config": config_to_dict(plan.fmt.config()),
         },
+        "formats": plan.formats,
         "recipe": {
             "name": recipe.name,
+            "title": recipe.title,
             "min_features": recipe.min_features,
+            "only_repeated_blocks": recipe.only_repeated_blocks,
             "skip": [{"pattern": r.pattern, "reason": r.reason} for r in recipe.skip],
-            "extra_skips": list(plan.skips),
+            "notes": list(recipe.notes),
+            "extra_skips": list(plan.selection.skips),
+            "only": list(plan.selection.only),
+            "recipe_file": None
+            if user is None
+            else {
+                "path": user.path,
+                "format": user.format,
+                "rules": [
+                    {"pattern": r.pattern, "format": r.action, "reason": r.reason}
+                    for r in user.rules
+                ],
+            },
+            "unmatched_patterns": plan.unmatched,
         },
         "transformer_only": transformer_only,
         "summary": plan.summary(),

@@ -1,23 +1,37 @@
 """The conversion plan: one decision (and its reason) per Linear layer, output sizes, shards.
 
 Made from safetensors headers and the transformer's class built on the meta device: no
-weight is read, so planning a 12 B model takes a second.
+weight is read, so planning a 20 B model takes seconds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from qconvert.convert.recipes import Recipe, matches
-from qconvert.convert.safetensors_io import TensorInfo
+from qconvert.convert.recipes import KEEP, Recipe, UserRecipe, matches, recipe_for_class
+from qconvert.convert.safetensors_io import Header, TensorInfo
 from qconvert.convert.source import Source, SourceError
-from qconvert.formats import Format
+from qconvert.formats import FORMATS, Format
 
 
 class PlanError(ValueError):
     """A plan that cannot be made (wrong family, weights that do not fit the model)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the user added to the recipe: --skip, --only and a recipe file."""
+
+    skips: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
+    user: UserRecipe | None = None
+
+    def patterns(self) -> list[str]:
+        rules = [r.pattern for r in self.user.rules] if self.user else []
+        return [*self.skips, *self.only, *rules]
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,7 @@ class Layer:
 
     @property
     def quantized(self) -> bool:
-        return self.action != "keep"
+        return self.action != KEEP
 
 
 @dataclass(frozen=True)
@@ -46,11 +60,23 @@ class Item:
 @dataclass
 class Plan:
     recipe: Recipe
-    fmt: Format
-    skips: tuple[str, ...]
+    fmt: Format  # the default format
+    selection: Selection
     layers: list[Layer]
     items: list[Item]
     shards: list[list[Item]]
+    unmatched: list[str] = field(default_factory=list)  # patterns that matched no layer
+    source_class: str = ""
+    source_description: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def skips(self) -> tuple[str, ...]:
+        return self.selection.skips
+
+    @property
+    def formats(self) -> list[str]:
+        """Formats the output holds, sorted."""
+        return sorted({layer.action for layer in self.layers if layer.quantized})
 
     @property
     def source_bytes(self) -> int:
@@ -75,19 +101,46 @@ class Plan:
         }
 
 
-def meta_model(source: Source) -> torch.nn.Module:
-    """The transformer class of the source, built from its config on the meta device."""
+def model_class(class_name: str, where: object) -> type[torch.nn.Module]:
     import diffusers
 
-    cls = getattr(diffusers, source.class_name, None)
-    if cls is None:
+    cls = getattr(diffusers, class_name, None)
+    if not class_name or cls is None:
         raise PlanError(
-            f"{source.transformer_dir}: unknown model class {source.class_name!r} "
+            f"{where}: unknown model class {class_name!r} "
             f"(not in diffusers {diffusers.__version__})"
         )
+    return cls
+
+
+def meta_model(source: Source) -> torch.nn.Module:
+    """The transformer class of the source, built from its config on the meta device."""
+    cls = model_class(source.class_name, source.transformer_dir)
     config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     with torch.device("meta"):
-        return cls.from_config(config)
+        return cls.from_config(config)  # type: ignore[attr-defined]
+
+
+def real_config_source(recipe: Recipe) -> Source:
+    """A weightless source for the family's real architecture (headers made from the config)."""
+    cls = model_class(recipe.transformer_class, f"recipe {recipe.name}")
+    with torch.device("meta"):
+        model = cls(**recipe.real_config)
+    config = dict(model.config)  # type: ignore[attr-defined]
+    config["_class_name"] = recipe.transformer_class
+    where = Path(f"<{recipe.default_source} config>")
+    tensors, offset = {}, 0
+    for name, t in sorted(model.state_dict().items()):
+        nbytes = t.numel() * 2
+        tensors[name] = TensorInfo(where, name, torch.bfloat16, tuple(t.shape), offset, nbytes)
+        offset += nbytes
+    description = {"kind": "config", "family": recipe.name, "repo_id": recipe.default_source}
+    return Source(where, where, config, [Header(where, tensors, {})], description)
+
+
+def _block_prefixes(model: torch.nn.Module) -> list[str]:
+    classes = set(getattr(model, "_repeated_blocks", []) or [])
+    return [f"{n}." for n, m in model.named_modules() if type(m).__name__ in classes]
 
 
 def decide(
@@ -96,46 +149,71 @@ def decide(
     dtype: torch.dtype,
     recipe: Recipe,
     fmt: Format,
-    skips: tuple[str, ...],
+    selection: Selection = Selection(),
+    in_blocks: bool = True,
 ) -> Layer:
+    """One layer's decision. Order: --skip, recipe-file rules, --only, the family's rules,
+    the generic recipe's block rule, then the size and the format's shape rule."""
     shape = (linear.out_features, linear.in_features)
+    action = fmt.name
 
     def keep(reason: str) -> Layer:
-        return Layer(name, shape, "keep", reason)
+        return Layer(name, shape, KEEP, reason)
 
-    for pattern in skips:
+    for pattern in selection.skips:
         if matches(pattern, name):
             return keep(f"--skip {pattern}")
-    for rule in recipe.skip:
+    chosen = None
+    for rule in selection.user.rules if selection.user else ():
         if matches(rule.pattern, name):
-            return keep(f"'{rule.pattern}': {rule.reason}")
+            chosen = rule
+            break
+    if chosen and chosen.action == KEEP:
+        return keep(f"'{chosen.pattern}': {chosen.reason}")
+    if chosen is None:
+        if selection.only and not any(matches(p, name) for p in selection.only):
+            return keep("not matched by --only")
+        for rule in recipe.skip:
+            if matches(rule.pattern, name):
+                return keep(f"'{rule.pattern}': {rule.reason}")
+        if not in_blocks:
+            return keep("outside the model's repeated blocks (generic recipe)")
+    else:
+        action = chosen.action
     if min(shape) < recipe.min_features:
         dim = "in" if linear.in_features < recipe.min_features else "out"
         return keep(f"{dim}_features {min(shape)} < {recipe.min_features}: too small to gain")
-    problem = fmt.shape_problem(shape)
+    problem = FORMATS[action].shape_problem(shape)
     if problem:
         return keep(problem)
     if not dtype.is_floating_point:
         return keep(f"weight dtype {dtype} is not floating point")
-    return Layer(name, shape, fmt.name, "quantized")
+    reason = "quantized" if chosen is None else f"'{chosen.pattern}': {chosen.reason}"
+    return Layer(name, shape, action, reason)
+
+
+def check_family(source: Source, recipe: Recipe) -> None:
+    if recipe.transformer_class and source.class_name != recipe.transformer_class:
+        other = recipe_for_class(source.class_name)
+        hint = (
+            f"use `qconvert {other.name}`"
+            if other
+            else "use `qconvert model` (generic recipe) for other transformers"
+        )
+        raise PlanError(
+            f"{source.transformer_dir}: the transformer is a {source.class_name or 'unknown class'}"
+            f", not a {recipe.transformer_class}; {hint}"
+        )
 
 
 def make_plan(
     source: Source,
     recipe: Recipe,
     fmt: Format,
-    skips: tuple[str, ...] = (),
+    selection: Selection = Selection(),
     max_shard_bytes: int = 5 * 10**9,
 ) -> Plan:
-    if source.class_name != recipe.transformer_class:
-        from qconvert.convert.recipes import recipe_for_class
-
-        other = recipe_for_class(source.class_name)
-        hint = f"use `qconvert {other.name}`" if other else "no recipe covers it yet"
-        raise PlanError(
-            f"{source.transformer_dir}: the transformer is a {source.class_name or 'unknown class'}"
-            f", not a {recipe.transformer_class}; {hint}"
-        )
+    check_family(source, recipe)
     infos: dict[str, TensorInfo] = {}
     for header in source.shards:
         for name, info in header.tensors.items():
@@ -154,19 +232,45 @@ def make_plan(
             f"{source.transformer_dir}: weights do not match {source.class_name} built from its "
             f"config.json ({what}; {len(missing)} missing, {len(unexpected)} unexpected)"
         )
+    prefixes = _block_prefixes(model) if recipe.only_repeated_blocks else []
+    if recipe.only_repeated_blocks and not prefixes:
+        raise PlanError(
+            f"{source.transformer_dir}: {source.class_name} declares no _repeated_blocks; "
+            f"the generic recipe needs them (use --recipe to name layers explicitly)"
+        )
     layers: list[Layer] = []
+    linear_names = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            layers.append(decide(name, module, infos[f"{name}.weight"].dtype, recipe, fmt, skips))
-    quantized = {f"{layer.name}.weight" for layer in layers if layer.quantized}
+            linear_names.append(name)
+            in_blocks = not prefixes or any(name.startswith(p) for p in prefixes)
+            dtype = infos[f"{name}.weight"].dtype
+            layers.append(decide(name, module, dtype, recipe, fmt, selection, in_blocks))
+    quantized = {
+        f"{layer.name}.weight": FORMATS[layer.action] for layer in layers if layer.quantized
+    }
     items = []
     for name in sorted(infos):
         info = infos[name]
         if name in quantized:
-            items.append(Item(info, fmt, fmt.bytes_for(info.shape)))  # type: ignore[arg-type]
+            f = quantized[name]
+            items.append(Item(info, f, f.bytes_for(info.shape)))  # type: ignore[arg-type]
         else:
             items.append(Item(info, None, info.nbytes))
-    return Plan(recipe, fmt, skips, layers, items, split_shards(items, max_shard_bytes))
+    patterns = [*selection.patterns(), *(r.pattern for r in recipe.skip)]
+    unmatched = [p for p in patterns if not any(matches(p, n) for n in linear_names)]
+    shards = split_shards(items, max_shard_bytes)
+    return Plan(
+        recipe,
+        fmt,
+        selection,
+        layers,
+        items,
+        shards,
+        unmatched,
+        source.class_name,
+        source.description,
+    )
 
 
 def split_shards(items: list[Item], max_bytes: int) -> list[list[Item]]:

@@ -102,7 +102,10 @@ def open_local(path: Path, description: dict[str, object] | None = None) -> Sour
         raise SourceError(f"{path}: no such file or directory")
     if not path.is_dir():
         raise SourceError(f"{path}: not a directory; give a diffusers pipeline folder")
-    description = description or {"kind": "local", "path": str(path.resolve())}
+    if description is None:
+        description = {"kind": "local", "path": str(path.resolve())}
+        if (path / "README.md").is_file():
+            description["card"] = base_card_metadata(path / "README.md")
     if (path / "model_index.json").is_file():
         model_index = _read_json(path / "model_index.json")
         tdir = path / "transformer"
@@ -123,6 +126,33 @@ def open_local(path: Path, description: dict[str, object] | None = None) -> Sour
         f"{path}: not a diffusers pipeline (no model_index.json) or transformer folder "
         f"(no diffusers config.json)"
     )
+
+
+def base_card_metadata(readme: Path, gated: object = None) -> dict[str, object]:
+    """The base model's license metadata (from its README.md front matter) and Hub gating, for
+    the manifest and the card; {} when there is none."""
+    import logging
+
+    import yaml
+    from huggingface_hub.repocard import metadata_load
+
+    out: dict[str, object] = {}
+    try:
+        data = metadata_load(readme) if readme.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        logging.getLogger("qconvert").warning(
+            "qconvert: %s: unreadable card metadata (%s); the license is unknown", readme, e
+        )
+        data = None
+    if not isinstance(data, dict):
+        data = None
+    for key in ("license", "license_name", "license_link"):
+        value = (data or {}).get(key)
+        if isinstance(value, str | list) and value:
+            out[key] = value
+    if gated:
+        out["gated"] = str(gated)
+    return out
 
 
 def download(
@@ -155,9 +185,10 @@ def download(
                     if not k.startswith("_") and isinstance(v, list) and v[0] is not None
                 ]
             )
-            patterns = ["model_index.json", "LICENSE*"] + [f"{d}/*" for d in folders]
+            patterns = ["model_index.json", "LICENSE*", "README.md"] + [f"{d}/*" for d in folders]
         else:
             patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+            patterns += ["LICENSE*", "README.md"]
         local = snapshot_download(
             repo_id, revision=info.sha, allow_patterns=patterns, cache_dir=cache_dir
         )
@@ -178,5 +209,52 @@ def download(
         "repo_id": repo_id,
         "revision": revision or "main",
         "commit": info.sha,
+        "card": base_card_metadata(Path(local) / "README.md", info.gated),
     }
     return open_local(Path(local), description)
+
+
+def remote_headers(repo_id: str, revision: str | None) -> Source:
+    """A Hub transformer's config and safetensors headers, without downloading weights
+    (headers are read with HTTP range requests). Good for planning, not for converting."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    from qconvert.convert.safetensors_io import DTYPES, TensorInfo
+
+    api = HfApi()
+    try:
+        info = api.model_info(repo_id, revision=revision)
+        files = sorted(s.rfilename for s in info.siblings or [])
+        prefix = "transformer/" if "model_index.json" in files else ""
+        config_path = hf_hub_download(repo_id, f"{prefix}config.json", revision=info.sha)
+        config = _read_json(Path(config_path))
+        shard_files = [
+            f
+            for f in files
+            if f.startswith(prefix) and f.endswith(".safetensors") and "/" not in f[len(prefix) :]
+        ]
+        headers = []
+        for name in shard_files:
+            meta = api.parse_safetensors_file_metadata(repo_id, name, revision=info.sha)
+            path = Path(name)
+            tensors = {}
+            for key, t in meta.tensors.items():
+                begin, end = t.data_offsets
+                tensors[key] = TensorInfo(
+                    path, key, DTYPES[t.dtype], tuple(t.shape), begin, end - begin
+                )
+            headers.append(Header(path, tensors, dict(meta.metadata or {})))
+    except RepositoryNotFoundError as e:
+        raise SourceError(f"{repo_id}: repo not found (or private: `hf auth login`)") from e
+    except HfHubHTTPError as e:
+        raise SourceError(f"{repo_id}: could not read headers ({e})") from e
+    if not headers:
+        raise SourceError(f"{repo_id}: no {prefix}*.safetensors weights in the repo")
+    description = {
+        "kind": "hub",
+        "repo_id": repo_id,
+        "revision": revision or "main",
+        "commit": info.sha,
+    }
+    return Source(Path(repo_id), Path(repo_id) / prefix, config, headers, description)

@@ -194,17 +194,49 @@ SCHEDULER: dict[str, Any] = {
 # What a tiny LTX-2 pipeline is called with in tests (with a prompt): CFG, STG and modality
 # guidance all on, so every transformer path runs. max_sequence_length must be a multiple of the
 # connectors' 16 registers.
-CALL: dict[str, Any] = {"height": 64, "width": 64, "num_frames": 9, "frame_rate": 24.0,
-                        "num_inference_steps": 2, "guidance_scale": 3.0, "stg_scale": 1.0,
-                        "modality_scale": 3.0, "spatio_temporal_guidance_blocks": [1],
-                        "max_sequence_length": 32}
+CALL: dict[str, Any] = {
+    "height": 64,
+    "width": 64,
+    "num_frames": 9,
+    "frame_rate": 24.0,
+    "num_inference_steps": 2,
+    "guidance_scale": 3.0,
+    "stg_scale": 1.0,
+    "modality_scale": 3.0,
+    "spatio_temporal_guidance_blocks": [1],
+    "max_sequence_length": 32,
+}
 
 # Gemma 3's special tokens (pad, eos, bos, unk, mask first, as there), then byte-fallback tokens.
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
-                  "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
 CHARS = "▁" + string.ascii_letters + string.digits + string.punctuation
-WORDS = ["a", "robot", "dancing", "cat", "dog", "the", "of", "video", "walking", "in", "rain",
-         "bad", "quality", "blurry"]
+WORDS = [
+    "a",
+    "robot",
+    "dancing",
+    "cat",
+    "dog",
+    "the",
+    "of",
+    "video",
+    "walking",
+    "in",
+    "rain",
+    "bad",
+    "quality",
+    "blurry",
+]
 
 
 def tokenizer() -> GemmaTokenizer:
@@ -223,9 +255,15 @@ def tokenizer() -> GemmaTokenizer:
                 vocab[word[:end]] = len(vocab)
                 merges.append((word[: end - 1], word[end - 1]))
     tok = GemmaTokenizer(
-        vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False,
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_soft_token>"},
+        vocab=vocab,
+        merges=merges,
+        add_bos_token=True,
+        add_eos_token=False,
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
     )
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
@@ -259,8 +297,12 @@ def build_pipeline(seed: int = 0) -> LTX2Pipeline:
     ids = tok.convert_tokens_to_ids
     if len(tok) > TEXT["vocab_size"]:
         raise RuntimeError(f"tiny Gemma tokenizer has {len(tok)} tokens > {TEXT['vocab_size']}")
-    text_config = {**TEXT, "pad_token_id": ids("<pad>"), "eos_token_id": ids("<eos>"),
-                   "bos_token_id": ids("<bos>")}
+    text_config = {
+        **TEXT,
+        "pad_token_id": ids("<pad>"),
+        "eos_token_id": ids("<eos>"),
+        "bos_token_id": ids("<bos>"),
+    }
     config = Gemma3Config(
         text_config=text_config,
         vision_config=VISION,

@@ -95,14 +95,31 @@ SCHEDULER: dict[str, Any] = {
 }
 # What a tiny Qwen-Image pipeline is called with in tests (with a prompt). A negative prompt, even
 # " ", turns on true CFG, so both transformer passes run.
-CALL: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 2, "true_cfg_scale": 4.0,
-                        "negative_prompt": " ", "max_sequence_length": 64}
+CALL: dict[str, Any] = {
+    "height": 64,
+    "width": 64,
+    "num_inference_steps": 2,
+    "true_cfg_scale": 4.0,
+    "negative_prompt": " ",
+    "max_sequence_length": 64,
+}
 
 # Qwen2.5-VL's special tokens, in its order; they follow the ordinary vocabulary.
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 # Text whose words become whole tokens: QwenImagePipeline's prompt template, then prompt words.
 VOCAB_TEXT = (
@@ -133,8 +150,13 @@ def tokenizer() -> Qwen2Tokenizer:
                 merges.append((word[: end - 1], word[end - 1]))
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>",
-                          model_max_length=32768, extra_special_tokens=SPECIAL_TOKENS[1:])
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        eos_token="<|im_end|>",
+        model_max_length=32768,
+        extra_special_tokens=SPECIAL_TOKENS[1:],
+    )
 
 
 def _init_linears(model: torch.nn.Module, seed: int) -> None:
