@@ -140,3 +140,15 @@ def test_bad_revision_and_missing_repo(hub: HubServer, tmp_path: Path) -> None:
     )
     assert proc.returncode != 0 and "repo not found" in proc.stderr.splitlines()[-1]
     assert not (tmp_path / "x").exists()
+
+
+def test_plan_from_a_repo_id_reads_headers_only(hub: HubServer, tmp_path: Path) -> None:
+    hub.requests.clear()
+    proc = qconvert(hub, "plan", "flux", "--format", "nvfp4", "--source", REPO, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert remote["source"]["commit"] == hub.history(REPO)[0].sha
+    assert remote["summary"]["quantized_layers"] == 19
+    # Nothing was downloaded whole: the weights' bytes moved through range reads only.
+    moved = [r for r in hub.requests if r.server == "storage" and r.method == "GET"]
+    assert moved and all(r.status == 206 for r in moved), moved
