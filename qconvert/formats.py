@@ -96,6 +96,10 @@ class Format:
     bits_per_element: float
     config: Callable[[], AOBaseConfig]
     build: Callable[[torch.Tensor], torch.Tensor]
+    bits: int  # bits per element of qdata
+    qdata_dtype: torch.dtype
+    scale_dtype: torch.dtype
+    per_tensor_scale: bool
 
     def shape_problem(self, shape: tuple[int, ...]) -> str | None:
         """Why a Linear weight of this shape cannot take the format, or None when it can."""
@@ -133,14 +137,34 @@ class Format:
         """
         return _metadata_of(self.name)
 
-    def bytes_for(self, shape: tuple[int, int]) -> int:
-        """Bytes one weight of this shape takes on disk (qdata + block scales + scalar)."""
+    def pieces(self, shape: tuple[int, ...]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The tensors one weight of this shape flattens to: {suffix: (dtype, shape)}.
+
+        ``blk.lin.weight`` is saved as ``blk.lin._weight_<suffix>``. Block scales are stored
+        swizzled: the (rows, K/block) scale matrix padded to multiples of (128, 4), kept as
+        (padded_rows / 4, padded_cols * 4) — what torchao's to_blocked returns.
+        """
         out_f, in_f = shape
-        scale_rows = -(-out_f // 128) * 128
-        scale_cols = -(-(in_f // self.block_size) // 4) * 4
-        elem_bytes = out_f * in_f * (4 if self.name == "nvfp4" else 8) // 8
-        scalar = 4 if self.name == "nvfp4" else 0
-        return elem_bytes + scale_rows * scale_cols + scalar
+        rows = -(-out_f // 128) * 128
+        cols = -(-(in_f // self.block_size) // 4) * 4
+        return {
+            "qdata": (
+                self.qdata_dtype,
+                (out_f, in_f * self.bits // (8 * self.qdata_dtype.itemsize)),
+            ),
+            "scale": (self.scale_dtype, (rows // 4, cols * 4)),
+            **({"per_tensor_scale": (torch.float32, ())} if self.per_tensor_scale else {}),
+        }
+
+    def bytes_for(self, shape: tuple[int, ...]) -> int:
+        """Bytes one weight of this shape takes on disk."""
+        total = 0
+        for dtype, piece in self.pieces(shape).values():
+            n = 1
+            for d in piece:
+                n *= d
+            total += n * dtype.itemsize
+        return total
 
 
 FORMATS: dict[str, Format] = {
@@ -152,6 +176,10 @@ FORMATS: dict[str, Format] = {
         bits_per_element=4.5,
         config=nvfp4_config,
         build=_quantize_nvfp4,
+        bits=4,
+        qdata_dtype=torch.uint8,
+        scale_dtype=torch.float8_e4m3fn,
+        per_tensor_scale=True,
     ),
     "mxfp8": Format(
         name="mxfp8",
@@ -161,6 +189,10 @@ FORMATS: dict[str, Format] = {
         bits_per_element=8.25,
         config=mxfp8_config,
         build=_quantize_mxfp8,
+        bits=8,
+        qdata_dtype=torch.float8_e4m3fn,
+        scale_dtype=torch.float8_e8m0fnu,
+        per_tensor_scale=False,
     ),
 }
 

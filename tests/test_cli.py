@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from qconvert.cli import main, parse_size
-from qconvert.convert import converter
+from qconvert.convert import writer
 from qconvert.convert.safetensors_io import read_header, write_file
 
 
@@ -113,9 +113,11 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     assert not (out / "keep.txt").exists() and (out / "qconvert.json").is_file()
 
 
-def test_interruption_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interruption_keeps_finished_shards_for_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
-    real = converter._quantize
+    real = writer._quantize
 
     def interrupted(*args: object) -> dict[str, torch.Tensor]:
         calls.append(1)
@@ -123,10 +125,20 @@ def test_interruption_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
             raise KeyboardInterrupt
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(converter, "_quantize", interrupted)
+    monkeypatch.setattr(writer, "_quantize", interrupted)
     out = tmp_path / "o"
-    result = run("flux", "--format", "nvfp4", "--tiny", "-o", str(out), "--max-shard-size", "5MB")
-    assert_failed_cleanly(result, out, "interrupted; nothing was written")
+    args = ("flux", "--format", "nvfp4", "--tiny", "-o", str(out), "--max-shard-size", "5MB", "-q")
+    result = run(*args)
+    assert result.exit_code != 0 and not out.exists()
+    work = tmp_path / ".o.qconvert-partial"
+    assert "finished shard(s) kept in" in result.output and "--resume" in result.output
+    assert work.is_dir() and not (work / "qconvert.json").exists()
+    again = run(*args)
+    assert again.exit_code != 0 and "re-run with --resume to continue it" in again.output
+    monkeypatch.setattr(writer, "_quantize", real)
+    resumed = run(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "qconvert.json").is_file() and not work.exists()
 
 
 def test_nan_weight_names_the_layer(source_copy: Path, tmp_path: Path) -> None:

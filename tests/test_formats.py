@@ -109,13 +109,17 @@ def test_shape_rules() -> None:
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-@pytest.mark.parametrize("shape", [(128, 256), (48, 1024), (1040, 96), (3072, 64)])
+@pytest.mark.parametrize(
+    "shape", [(16, 16), (128, 256), (48, 1024), (1040, 96), (3072, 64), (130, 64), (3, 32)]
+)
 def test_size_estimate_is_exact(fmt: str, shape: tuple[int, int]) -> None:
     weight = torch.randn(*shape, dtype=torch.bfloat16)
     if FORMATS[fmt].shape_problem(shape):
         pytest.skip("shape not valid for this format")
     flat, _ = flatten_tensor_state_dict({"l.weight": FORMATS[fmt].quantize(weight)})
     assert FORMATS[fmt].bytes_for(shape) == sum(t.numel() * t.itemsize for t in flat.values())
+    pieces = {f"l._weight_{k}": v for k, v in FORMATS[fmt].pieces(shape).items()}
+    assert pieces == {k: (t.dtype, tuple(t.shape)) for k, t in flat.items()}
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))

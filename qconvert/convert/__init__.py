@@ -2,6 +2,7 @@
 
 from qconvert.convert.converter import (
     DEFAULT_MAX_SHARD,
+    Interrupted,
     OutputError,
     Result,
     convert,
@@ -14,6 +15,7 @@ from qconvert.convert.source import SourceError
 
 __all__ = [
     "DEFAULT_MAX_SHARD",
+    "Interrupted",
     "Layer",
     "OutputError",
     "Plan",

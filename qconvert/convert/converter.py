@@ -9,22 +9,21 @@ so an interrupted run never leaves an output that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
-from tqdm.auto import tqdm
 
 from qconvert.convert import manifest
-from qconvert.convert.plan import Item, Plan, PlanError, Selection, make_plan
+from qconvert.convert.plan import Plan, PlanError, Selection, make_plan
 from qconvert.convert.recipes import (
     Recipe,
     RecipeError,
@@ -34,9 +33,7 @@ from qconvert.convert.recipes import (
     load_user_recipe,
     recipe_for_class,
 )
-from qconvert.convert.safetensors_io import TensorInfo, read_tensor, write_file
 from qconvert.convert.source import (
-    WEIGHTS_FILE,
     WEIGHTS_INDEX,
     Source,
     SourceError,
@@ -44,15 +41,28 @@ from qconvert.convert.source import (
     looks_like_repo_id,
     open_local,
 )
+from qconvert.convert.writer import (
+    PROGRESS,
+    Progress,
+    finished_shards,
+    known_hashes,
+    plan_digest,
+    quantization_metadata,
+    shard_names,
+    stream,
+)
 from qconvert.formats import FORMATS, get_format
 
 log = logging.getLogger("qconvert")
 DEFAULT_MAX_SHARD = 5 * 10**9
-TENSOR_META = json.dumps({"_type": torch.Tensor.__name__})
 
 
 class OutputError(ValueError):
     """The output path cannot be written as asked."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a conversion; the message says what was kept and how to resume."""
 
 
 @dataclass
@@ -103,88 +113,90 @@ def open_source(
     yield open_local(Path(source))
 
 
-def _work_dirs(output: Path, overwrite: bool) -> Path:
+def _work_dir(output: Path, overwrite: bool, resume: bool) -> Path:
     if output.exists() and not overwrite:
         raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
         raise OutputError(f"{output}: exists and is not a directory")
     output.parent.mkdir(parents=True, exist_ok=True)
     work = output.parent / f".{output.name}.qconvert-partial"
-    if work.exists():
+    if work.exists() and not resume:
         raise OutputError(
-            f"{work}: stale work directory from an interrupted run; delete it and re-run"
+            f"{work}: work directory of an interrupted run; re-run with --resume to continue it, "
+            f"or delete it"
         )
     return work
 
 
-def _shard_names(count: int) -> list[str]:
-    if count == 1:
-        return [WEIGHTS_FILE]
-    return [
-        f"diffusion_pytorch_model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)
-    ]
+def _fingerprint(plan: Plan, source: Source, fmt: str, transformer_only: bool) -> dict[str, object]:
+    """What a resumed run must share with the interrupted one."""
+    from qconvert import __version__
+
+    described = {k: v for k, v in source.description.items() if k != "path"}
+    shards: list[object] = [[h.path.name, h.path.stat().st_size] for h in source.shards]
+    if source.description.get("kind") == "local":
+        described["path"] = source.description["path"]
+        shards = [[h.path.name, *_stamp(h.path)] for h in source.shards]
+    return {
+        "qconvert": __version__,
+        "source": {**described, "shards": shards},
+        "format": fmt,
+        "plan": plan_digest(plan),
+        "transformer_only": transformer_only,
+    }
 
 
-def _quantize(item: Item, handle: BinaryIO, device: torch.device) -> dict[str, torch.Tensor]:
-    """The output tensors (torchao-flattened names) for one source tensor."""
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-
-    info: TensorInfo = item.info
-    tensor = read_tensor(info, handle)
-    if item.fmt is None:
-        return {info.name: tensor}
-    weight = tensor.to(device=device, dtype=torch.bfloat16)
-    quantized = item.fmt.quantize(weight, name=info.name.removesuffix(".weight"))
-    flat, meta = flatten_tensor_state_dict({info.name: quantized})
-    if meta[info.name] != item.fmt.tensor_metadata():
-        raise RuntimeError(f"{info.name}: torchao metadata differs from the format's; bug")
-    return {k: v.to("cpu") for k, v in flat.items()}
+_WHAT = {
+    "source": "source (or its files changed)",
+    "format": "format",
+    "plan": "recipe or options",
+    "qconvert": "qconvert version",
+    "transformer_only": "--transformer-only setting",
+}
 
 
-def write_transformer(
-    plan: Plan, source: Source, dst: Path, device: torch.device, progress: bool
-) -> None:
-    """Stream the transformer's tensors into quantized shards + index + config.json."""
-    dst.mkdir(parents=True, exist_ok=True)
-    names = _shard_names(len(plan.shards))
-    metadata = {"format": "pt"}
-    tensor_names = []
-    for item in plan.items:
-        tensor_names.append(item.info.name)
-        metadata[item.info.name] = item.fmt.tensor_metadata() if item.fmt else TENSOR_META
-    metadata["tensor_names"] = json.dumps(tensor_names)
-    weight_map: dict[str, str] = {}
-    total = 0
-    with (
-        ExitStack() as stack,
-        tqdm(
-            total=plan.source_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="quantizing",
-            disable=not progress,
-        ) as bar,
-    ):
-        handles = {h.path: stack.enter_context(h.path.open("rb")) for h in source.shards}
-        for shard_name, shard in zip(names, plan.shards, strict=True):
-            tensors: dict[str, torch.Tensor] = {}
-            for item in shard:
-                tensors.update(_quantize(item, handles[item.info.path], device))
-                bar.update(item.info.nbytes)
-            write_file(dst / shard_name, tensors, metadata)
-            for key, t in tensors.items():
-                weight_map[key] = shard_name
-                total += t.numel() * t.dtype.itemsize
-            del tensors
-    if len(names) > 1:
-        index_meta = {"total_size": total, **{k: v for k, v in metadata.items() if k != "format"}}
-        index = {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}
-        (dst / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (dst / "config.json").write_text(_config_json(plan, source))
+def _resume_state(work: Path, fingerprint: dict[str, object], dst: Path) -> Progress:
+    state = Progress.load(work / PROGRESS) if work.exists() else None
+    if state is None:
+        return Progress(work / PROGRESS, fingerprint, {})
+    differs = [_WHAT[k] for k in fingerprint if state.fingerprint.get(k) != fingerprint[k]]
+    if differs:
+        raise OutputError(
+            f"--resume: {work} holds an interrupted run with a different {', '.join(differs)}; "
+            f"delete it or re-run the original command"
+        )
+    done = finished_shards(state, dst)
+    state.done = {k: v for k, v in state.done.items() if k in done}
+    log.warning("qconvert: resuming: %d finished shard(s) reused from %s", len(done), work)
+    return state
+
+
+def _check_space(where: Path, needed: int) -> None:
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise OutputError(
+            f"{where}: not enough disk space: the output needs {_size(needed)}, "
+            f"{_size(free)} free; free space or write elsewhere with -o"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _write_index(plan: Plan, dst: Path, weight_map: dict[str, str]) -> None:
+    if len(plan.shards) == 1:
+        return
+    meta = {k: v for k, v in quantization_metadata(plan).items() if k != "format"}
+    index = {
+        "metadata": {"total_size": plan.output_bytes, **meta},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (dst / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _config_json(plan: Plan, source: Source) -> str:
+    """transformer/config.json: the source's config + the quantization_config diffusers reads."""
     from diffusers import TorchAoConfig
 
     kept = [layer.name for layer in plan.layers if not layer.quantized]
@@ -293,6 +305,7 @@ def convert(
     max_shard_size: int = DEFAULT_MAX_SHARD,
     device: str = "auto",
     progress: bool = True,
+    resume: bool = False,
     command: str = "qconvert (python API)",
 ) -> Result:
     """Convert a diffusers pipeline's transformer; returns where it went and how.
@@ -301,6 +314,7 @@ def convert(
     recipe); ``source`` is a local folder, a Hub repo id, or None for the family's tiny build.
     """
     start = time.perf_counter()
+    show_bar = progress
     get_format(fmt)
     selection = selection_for(skips, only, recipe_file)
     if max_shard_size <= 0:
@@ -309,27 +323,55 @@ def convert(
         raise SourceError("give a source (a local folder or a Hub repo id)")
     output = Path(output)
     dev = resolve_device(device)
-    work = _work_dirs(output, overwrite)
+    work = _work_dir(output, overwrite, resume)
     tiny = families().get(family) if source is None else None
     with open_source(source, tiny, revision, transformer_only) as src:
         plan = plan_for(src, family, fmt, selection, strict, max_shard_size)
         only_transformer = transformer_only or src.transformer_only
+        dst = work if only_transformer else work / "transformer"
+        prefix = "" if only_transformer else "transformer/"
         stamps = {h.path: _stamp(h.path) for h in src.shards}
+        progress = _resume_state(work, _fingerprint(plan, src, fmt, only_transformer), dst)
+        skip = set(progress.done)
+        names = shard_names(len(plan.shards))
+        remaining = sum(
+            i.out_bytes for n, s in zip(names, plan.shards, strict=True) if n not in skip for i in s
+        )
+        _check_space(output.parent, remaining)
         try:
-            work.mkdir()
+            dst.mkdir(parents=True, exist_ok=True)
             copied = _copy_components(src, work, only_transformer)
-            dst = work if only_transformer else work / "transformer"
-            write_transformer(plan, src, dst, dev, progress)
+            weight_map = stream(plan, src, dst, dev, progress, show_bar, skip)
+            _write_index(plan, dst, weight_map)
+            (dst / "config.json").write_text(_config_json(plan, src))
             source_files = manifest.source_table(src, copied)
             for header in src.shards:
                 if _stamp(header.path) != stamps[header.path]:
                     raise SourceError(f"{header.path}: changed during conversion; re-run")
-            files = manifest.file_table(work)
+            (work / PROGRESS).unlink()
+            files = manifest.file_table(work, known=known_hashes(progress, prefix))
             data = manifest.build(plan, src, command, source_files, files, only_transformer)
             (work / manifest.MANIFEST).write_text(manifest.dumps(data))
+            from qconvert.cards import write_card  # cards reads convert's manifest module
+
+            write_card(work)  # README.md, rendered from the manifest
             _replace(work, output)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+        except BaseException as e:
+            kept = bool(progress.done) and work.exists()
+            if not kept:
+                shutil.rmtree(work, ignore_errors=True)
+            hint = (
+                f"{len(progress.done)} finished shard(s) kept in {work}; re-run with --resume"
+                if kept
+                else "nothing was written"
+            )
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted(f"interrupted; {hint}") from None
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise OutputError(
+                    f"{e.filename or work}: disk full ({_size(remaining)} needed for the "
+                    f"rest); free space, then {hint if kept else 're-run'}"
+                ) from None
             raise
     seconds = time.perf_counter() - start
     log.info("converted %s in %.1f s", output, seconds)

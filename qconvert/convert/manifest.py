@@ -33,13 +33,18 @@ def versions() -> dict[str, str]:
     return out
 
 
-def file_table(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> list[dict[str, object]]:
+def file_table(
+    root: Path, exclude: tuple[str, ...] = (MANIFEST,), known: dict[str, str] | None = None
+) -> list[dict[str, object]]:
+    """Every file under ``root`` with size and sha256 (``known`` hashes are not recomputed)."""
+    known = known or {}
     rows = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel in exclude:
             continue
-        rows.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
+        digest = known.get(rel) or sha256_file(path)
+        rows.append({"path": rel, "size": path.stat().st_size, "sha256": digest})
     return rows
 
 
@@ -89,6 +94,7 @@ def build(
         "recipe": {
             "name": recipe.name,
             "title": recipe.title,
+            "pipeline_tag": recipe.pipeline_tag,
             "min_features": recipe.min_features,
             "only_repeated_blocks": recipe.only_repeated_blocks,
             "skip": [{"pattern": r.pattern, "reason": r.reason} for r in recipe.skip],

@@ -10,6 +10,7 @@ length, a JSON header, then raw bytes; files written here are read by ``safe_ope
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -125,38 +126,99 @@ def read_tensor(info: TensorInfo, f: BinaryIO | None = None) -> torch.Tensor:
     return flat.view(info.dtype).reshape(info.shape)
 
 
-def _raw_bytes(t: torch.Tensor) -> memoryview:
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes (contiguous, on CPU) without copying when it already is."""
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file deterministically: sorted metadata, tensors ordered by
-    (alignment, name) so each starts at a multiple of its element size."""
-    order = sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n))
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+def layout(specs: dict[str, Spec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int], int]:
+    """A deterministic file layout: (header bytes incl. its length prefix, each tensor's
+    absolute offset, file size). Metadata keys sorted; tensors ordered by (alignment, name) so
+    each starts at a multiple of its element size."""
+    order = sorted(specs, key=lambda n: (-specs[n][0].itemsize, n))
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
+    relative = {}
     for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.dtype.itemsize
-        try:
-            dtype = DTYPE_NAMES[t.dtype]
-        except KeyError:
-            raise SafetensorsError(
-                f"{path}: tensor {name!r} has unsupported dtype {t.dtype}"
-            ) from None
+        dtype, shape = specs[name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        if dtype not in DTYPE_NAMES:
+            raise SafetensorsError(f"tensor {name!r} has unsupported dtype {dtype}")
         header[name] = {
-            "dtype": dtype,
-            "shape": list(t.shape),
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
+        relative[name] = offset
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in order:
-            f.write(_raw_bytes(tensors[name]))
-        f.flush()
-        os.fsync(f.fileno())
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, {n: len(head) + o for n, o in relative.items()}, len(head) + offset
+
+
+class ShardWriter:
+    """One output file whose layout is fixed up front: tensors are written at their offsets in
+    any order as they are produced (no shard is ever held in memory)."""
+
+    def __init__(self, path: Path, specs: dict[str, Spec], metadata: dict[str, str]) -> None:
+        self.path = path
+        self.specs = specs
+        head, self.offsets, self.size = layout(specs, metadata)
+        self.missing = set(specs)
+        self._f = path.open("wb")
+        try:
+            try:
+                os.posix_fallocate(self._f.fileno(), 0, self.size)  # ENOSPC now, not midway
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._f.truncate(self.size)
+            os.pwrite(self._f.fileno(), head, 0)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self.specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise SafetensorsError(
+                f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
+                f"planned {dtype} {list(shape)}"
+            )
+        data = raw_bytes(tensor)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._f.fileno(), data[written:], self.offsets[name] + written)
+        self.missing.discard(name)
+
+    def close(self) -> None:
+        try:
+            if self.missing:
+                raise SafetensorsError(f"{self.path}: {len(self.missing)} tensor(s) never written")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a whole safetensors file deterministically (see ``layout``)."""
+    writer = ShardWriter(path, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, metadata)
+    try:
+        for name, tensor in tensors.items():
+            writer.put(name, tensor)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()

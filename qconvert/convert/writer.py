@@ -1,0 +1,212 @@
+"""Stream a plan's tensors into its output shards: read, quantize and write overlap.
+
+Every shard's layout is fixed by the plan before anything is read (piece names, dtypes and
+shapes come from ``Format.pieces``), so each quantized piece is written at its final offset as
+soon as it exists: memory stays at a few tensors whatever the shard size. A reader thread
+fetches the next source tensor while the current one is quantized, and a writer thread writes
+the previous one. Finished shards are recorded with their sha256 in ``progress.json`` in the
+work directory, which is what ``--resume`` trusts (after re-checking the hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from tqdm.auto import tqdm
+
+from qconvert.convert.plan import Item, Plan
+from qconvert.convert.safetensors_io import ShardWriter, Spec, read_tensor
+from qconvert.convert.source import WEIGHTS_FILE, Source, sha256_file
+
+PROGRESS = "progress.json"
+TENSOR_META = json.dumps({"_type": torch.Tensor.__name__})
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [WEIGHTS_FILE]
+    return [
+        f"diffusion_pytorch_model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)
+    ]
+
+
+def item_specs(item: Item) -> dict[str, Spec]:
+    """The output tensors (torchao-flattened names) one source tensor becomes."""
+    if item.fmt is None:
+        return {item.info.name: (item.info.dtype, item.info.shape)}
+    module, weight = item.info.name.rsplit(".", 1)
+    return {
+        f"{module}._{weight}_{suffix}": spec
+        for suffix, spec in item.fmt.pieces(item.info.shape).items()
+    }
+
+
+def quantization_metadata(plan: Plan) -> dict[str, str]:
+    """What every shard's safetensors metadata holds (as diffusers writes it): all tensor
+    names and each weight's torchao subclass description."""
+    metadata = {"format": "pt"}
+    for item in plan.items:
+        metadata[item.info.name] = item.fmt.tensor_metadata() if item.fmt else TENSOR_META
+    metadata["tensor_names"] = json.dumps([item.info.name for item in plan.items])
+    return metadata
+
+
+@dataclass
+class Progress:
+    """Finished shards of an interrupted run, and what that run was converting."""
+
+    path: Path
+    fingerprint: dict[str, object]
+    done: dict[str, str]  # shard file name → sha256
+
+    @classmethod
+    def load(cls, path: Path) -> Progress | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return cls(path, data["fingerprint"], dict(data["done"]))
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {"fingerprint": self.fingerprint, "done": self.done}, indent=2, sort_keys=True
+            )
+        )
+        os.replace(tmp, self.path)
+
+
+def finished_shards(progress: Progress, dst: Path) -> set[str]:
+    """Shards recorded as done whose file still has the recorded hash."""
+    ok = set()
+    for name, digest in progress.done.items():
+        path = dst / name
+        if path.is_file() and sha256_file(path) == digest:
+            ok.add(name)
+    return ok
+
+
+def _quantize(item: Item, tensor: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    if item.fmt is None:
+        return {item.info.name: tensor}
+    weight = tensor.to(device=device, dtype=torch.bfloat16)
+    quantized = item.fmt.quantize(weight, name=item.info.name.removesuffix(".weight"))
+    flat, meta = flatten_tensor_state_dict({item.info.name: quantized})
+    if meta[item.info.name] != item.fmt.tensor_metadata():
+        raise RuntimeError(f"{item.info.name}: torchao metadata differs from the format's; bug")
+    return {k: v.to("cpu") for k, v in flat.items()}
+
+
+def stream(
+    plan: Plan,
+    source: Source,
+    dst: Path,
+    device: torch.device,
+    progress: Progress,
+    show_bar: bool,
+    skip: set[str] = frozenset(),
+) -> dict[str, str]:  # type: ignore[assignment]
+    """Write every shard not in ``skip``; returns {output tensor name: shard file name}."""
+    names = shard_names(len(plan.shards))
+    metadata = quantization_metadata(plan)
+    weight_map = {
+        key: name
+        for name, shard in zip(names, plan.shards, strict=True)
+        for item in shard
+        for key in item_specs(item)
+    }
+    todo = [
+        (name, shard) for name, shard in zip(names, plan.shards, strict=True) if name not in skip
+    ]
+    total = sum(i.info.nbytes for _, shard in todo for i in shard)
+    with ExitStack() as stack:
+        handles: dict[Path, BinaryIO] = {
+            h.path: stack.enter_context(h.path.open("rb")) for h in source.shards
+        }
+        bar = stack.enter_context(
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="converting",
+                disable=not show_bar,
+            )
+        )
+        reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="qconvert-read"))
+        writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="qconvert-write"))
+        work = [(name, shard, item) for name, shard in todo for item in shard]
+        pending: deque[Future[None]] = deque()
+        files: dict[str, ShardWriter] = {}
+
+        def read(item: Item) -> torch.Tensor:
+            return read_tensor(item.info, handles[item.info.path])
+
+        def write(
+            name: str,
+            tensors: dict[str, torch.Tensor],
+            last: bool,
+            specs: Callable[[], dict[str, Spec]],
+        ) -> None:
+            if name not in files:
+                files[name] = ShardWriter(dst / name, specs(), metadata)
+            for key, t in tensors.items():
+                files[name].put(key, t)
+            if last:
+                files.pop(name).close()
+                progress.done[name] = sha256_file(dst / name)
+                progress.save()
+
+        try:
+            next_read = reader.submit(read, work[0][2]) if work else None
+            for index, (name, shard, item) in enumerate(work):
+                assert next_read is not None
+                tensor = next_read.result()
+                if index + 1 < len(work):
+                    next_read = reader.submit(read, work[index + 1][2])
+                tensors = _quantize(item, tensor, device)
+                del tensor
+                last = item is shard[-1]
+
+                def specs(shard: list[Item] = shard) -> dict[str, Spec]:
+                    return {k: v for i in shard for k, v in item_specs(i).items()}
+
+                pending.append(writer.submit(write, name, tensors, last, specs))
+                del tensors
+                while len(pending) > 2 or (pending and pending[0].done()):
+                    pending.popleft().result()
+                bar.update(item.info.nbytes)
+            while pending:
+                pending.popleft().result()
+        finally:
+            writer.shutdown(wait=True, cancel_futures=True)  # no write may race the cleanup
+            for f in list(files.values()):
+                f.abort()
+    return weight_map
+
+
+def known_hashes(progress: Progress, prefix: str) -> dict[str, str]:
+    """Output-relative paths → sha256 for shards hashed while writing."""
+    return {f"{prefix}{name}": digest for name, digest in progress.done.items()}
+
+
+def plan_digest(plan: Plan) -> str:
+    """A hash of everything the plan decides: layers, formats, shard assignment."""
+    data = {
+        "layers": [[x.name, x.action, x.reason] for x in plan.layers],
+        "shards": [[[i.info.name, i.fmt.name if i.fmt else None] for i in s] for s in plan.shards],
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
