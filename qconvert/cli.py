@@ -55,11 +55,16 @@ def _quiet_libraries() -> None:
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    from qconvert.convert import OutputError, PlanError, RecipeError, SourceError
+    from qconvert.cards import CardError
+    from qconvert.convert import Interrupted, OutputError, PlanError, RecipeError, SourceError
+    from qconvert.convert.push import PushError
     from qconvert.convert.safetensors_io import SafetensorsError
     from qconvert.formats import FormatError
 
     return (
+        Interrupted,
+        PushError,
+        CardError,
         OutputError,
         PlanError,
         RecipeError,
@@ -156,20 +161,138 @@ def _convert_options(f: Callable[..., None]) -> Callable[..., None]:
             help="Largest output shard (bounds memory use: about one shard).",
         ),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
+        click.option(
+            "--resume",
+            is_flag=True,
+            help="Continue an interrupted run: reuse its finished shards (hash-checked).",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+        _push_options,
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
+_PUSH_OPTIONS = ("repo_id", "private", "push_revision", "create_pr", "commit_message", "token")
+
+
+def _hub_options(f: Callable[..., None], revision: str) -> Callable[..., None]:
+    """--repo-id / --private / <revision> / --create-pr / --commit-message / --token."""
+    options = [
+        click.option(
+            "--repo-id",
+            default=None,
+            metavar="ID",
+            help="Hub repo [default: <your user>/<base model>-<format>].",
+        ),
+        click.option("--private", is_flag=True, help="Create the repo private."),
+        click.option(
+            revision,
+            "push_revision",
+            default=None,
+            metavar="BRANCH",
+            help="Branch to push to (created when missing) [default: main].",
+        ),
+        click.option("--create-pr", is_flag=True, help="Open a pull request instead."),
+        click.option("--commit-message", default=None, metavar="MSG", help="Commit title."),
+        click.option(
+            "--token",
+            default=None,
+            metavar="TOKEN",
+            help="Hub token [default: HF_TOKEN, else the `hf auth login` one]. Never shown.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _push_options(f: Callable[..., None]) -> Callable[..., None]:
+    """--push and the Hub options of convert commands (--revision names the source's)."""
+    f = _hub_options(f, "--push-revision")
+    return click.option(
+        "--push", is_flag=True, help="Publish the output to the Hub in one commit (with a card)."
+    )(f)
+
+
+def _command_line() -> str:
+    """The command as typed, for the manifest and the card, with any --token value hidden."""
+    args, hide = [], False
+    for arg in sys.argv[1:]:
+        if hide:
+            arg, hide = "***", False
+        elif arg == "--token":
+            hide = True
+        elif arg.startswith("--token="):
+            arg = "--token=***"
+        args.append(arg)
+    return shlex.join(["qconvert", *args])
+
+
+def _push_and_report(output: Path, opts: dict[str, Any], account: Any = None) -> None:
+    from qconvert.convert.push import push
+
+    result = push(
+        output,
+        opts["repo_id"],
+        private=opts["private"],
+        revision=opts["push_revision"],
+        create_pr=opts["create_pr"],
+        commit_message=opts["commit_message"],
+        token=opts["token"],
+        account=account,
+    )
+    where = f"{result.url} (revision {result.revision}, commit {result.commit})"
+    if not result.changed:
+        click.echo(f"{where}: already has these files; nothing to push")
+    elif result.pr_url:
+        click.echo(f"opened {result.pr_url} on {result.url} (commit {result.commit})")
+    else:
+        click.echo(f"pushed {output} to {where}")
+    args = repr(result.repo_id)
+    if result.revision != "main":
+        args += f", revision={result.revision!r}"
+    if (output / "config.json").exists():
+        click.echo(f"load it with: load_transformer({args}) (qconvert.loaders)")
+    else:
+        click.echo(f"load it with: DiffusionPipeline.from_pretrained({args})")
+
+
+_INTERRUPTED_PUSH = "interrupted; nothing was committed: re-run to resume the upload"
+
+
+def _push_preflight(opts: dict[str, Any], quiet: bool) -> Any:
+    """For --push: check the token and the repo id before a long conversion; the account."""
+    if not opts["push"]:
+        given = [k for k in _PUSH_OPTIONS if opts[k]]
+        if given:
+            raise click.UsageError(f"--{given[0].replace('_', '-')} needs --push")
+        return None
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    from qconvert.convert.push import check_namespace, login, target_repo
+
+    try:
+        account = login(opts["token"])
+        if opts["repo_id"]:
+            check_namespace(account, target_repo(account, opts["repo_id"], ""))
+    except _errors() as e:
+        raise click.ClickException(str(e)) from None
+    return account
+
+
 def _run_convert(family: str, source: str | None, stem: str, opts: dict[str, Any]) -> None:
     output = opts.pop("output") or Path(f"{stem}-{opts['fmt']}")
     shard = parse_size(opts.pop("max_shard_size"))
     quiet = opts.pop("quiet")
+    hub = {key: opts.pop(key) for key in ("push", *_PUSH_OPTIONS)}
     _quiet_libraries()
     from qconvert.convert import convert
 
+    account = _push_preflight(hub, quiet)
     try:
         result = convert(
             output,
@@ -177,11 +300,9 @@ def _run_convert(family: str, source: str | None, stem: str, opts: dict[str, Any
             source=source,
             max_shard_size=shard,
             progress=not quiet,
-            command=shlex.join(["qconvert", *sys.argv[1:]]),
+            command=_command_line(),
             **opts,
         )
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; nothing was written") from None
     except _errors() as e:
         raise click.ClickException(str(e)) from None
     s = result.plan.summary()
@@ -205,6 +326,13 @@ def _run_convert(family: str, source: str | None, stem: str, opts: dict[str, Any
         click.echo(
             f"  from qconvert.loaders import load_transformer; t = load_transformer({out!r})"
         )
+    if account is not None:
+        try:
+            _push_and_report(result.output, hub, account)
+        except KeyboardInterrupt:
+            raise click.ClickException(_INTERRUPTED_PUSH) from None
+        except _errors() as e:
+            raise click.ClickException(f"{e} (the output is in {result.output})") from None
 
 
 def _family_command(family: str) -> click.Command:
@@ -388,6 +516,61 @@ def inspect(path: Path, verify: bool, as_json: bool) -> None:
     click.echo(text)
     if verify:
         click.echo(f"verified {len(manifest['files'])} files against the manifest")
+
+
+def _push_command_options(f: Callable[..., None]) -> Callable[..., None]:
+    return _hub_options(f, "--revision")
+
+
+@main.command(name="push")
+@click.argument("path", type=click.Path(path_type=Path))
+@_push_command_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def push_command(path: Path, quiet: bool, **opts: Any) -> None:
+    """Publish a qconvert output to the Hugging Face Hub: checks every file against the
+    manifest, writes the card for the repo, then creates the repo (if needed) and uploads the
+    folder in one commit. Unchanged files are not sent again; nothing changed, no commit.
+
+    \b
+    Examples:
+      qconvert push FLUX.1-dev-nvfp4                      # -> <you>/FLUX.1-dev-nvfp4
+      qconvert push out/x --repo-id my-org/x --private
+      qconvert push out/x --repo-id me/x --create-pr --commit-message "re-convert"
+    """
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    try:
+        _push_and_report(path, opts)
+    except KeyboardInterrupt:
+        raise click.ClickException(_INTERRUPTED_PUSH) from None
+    except _errors() as e:
+        raise click.ClickException(str(e)) from None
+
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--repo-id", default=None, metavar="ID", help="Repo id the usage snippets load [default: "
+    "<base model>-<format>]."
+)
+def card(path: Path, repo_id: str | None) -> None:
+    """Re-render a qconvert output's README.md (model card) from its manifest, plus quality.json
+    and speed.json when present.
+
+    \b
+    Example:
+      qconvert card FLUX.1-dev-nvfp4 --repo-id alice/FLUX.1-dev-nvfp4
+    """
+    from qconvert.cards import write_card
+
+    try:
+        written = write_card(path, repo_id)
+    except _errors() as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {written}")
 
 
 def _register() -> None:

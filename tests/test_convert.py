@@ -144,6 +144,7 @@ def test_load_transformer_and_transformer_only(
         tmp_path / "t", fmt="mxfp8", source=tiny_flux, transformer_only=True, progress=False
     ).output
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "config.json",
         "diffusion_pytorch_model.safetensors",
         MANIFEST,
@@ -225,7 +226,7 @@ def test_manifest_records_versions_source_layers_and_files(
     }
     files = {row["path"]: row for row in data["files"]}
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    assert set(files) == on_disk - {MANIFEST}
+    assert set(files) == on_disk - {MANIFEST, "README.md"}  # the card lists their hashes
     for rel, row in files.items():
         assert (
             row["sha256"] == sha256_file(root / rel) and row["size"] == (root / rel).stat().st_size

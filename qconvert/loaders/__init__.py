@@ -23,6 +23,22 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def _has_root_config(path_or_repo: str | Path, kwargs: dict[str, Any]) -> bool:
+    """Whether a folder or Hub repo is a lone transformer (config.json at its root) rather
+    than a pipeline (transformer/config.json)."""
+    root = Path(str(path_or_repo))
+    if root.exists():
+        return (root / "config.json").is_file()
+    from huggingface_hub import file_exists
+
+    return file_exists(
+        str(path_or_repo),
+        "config.json",
+        revision=kwargs.get("revision"),
+        token=kwargs.get("token"),
+    )
+
+
 def load_pipeline(
     path_or_repo: str | Path, device: str | torch.device | None = "auto", **kwargs: Any
 ) -> Any:
@@ -43,13 +59,12 @@ def load_transformer(
     subfolder: str | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Load the quantized transformer alone: a transformer folder, or a pipeline's
-    ``transformer/`` (the default when the folder has no config.json of its own)."""
+    """Load the quantized transformer alone from a folder or Hub repo id: a lone transformer,
+    or a pipeline's ``transformer/`` (the default when there is no config.json at the root)."""
     from diffusers import AutoModel
 
     dev = _device(device)
-    root = Path(str(path_or_repo))
-    if subfolder is None and not (root / "config.json").is_file():
+    if subfolder is None and not _has_root_config(path_or_repo, kwargs):
         subfolder = "transformer"
     kwargs.setdefault("dtype", torch.bfloat16)
     if subfolder:
