@@ -26,6 +26,11 @@ from torchao.prototype.mx_formats.nvfp4_tensor import (
     per_tensor_amax_to_scale,
 )
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+from torchao.quantization.quantize_.workflows.float8.float8_tensor import (
+    Float8Tensor,
+    QuantizeTensorToFloat8Kwargs,
+)
 
 
 class FormatError(ValueError):
@@ -83,6 +88,62 @@ def _quantize_mxfp8(weight: torch.Tensor) -> MXTensor:
     )
 
 
+def fp8_config() -> Float8DynamicActivationFloat8WeightConfig:
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def _quantize_fp8(weight: torch.Tensor) -> Float8Tensor:
+    # The PLAIN / PerRow branch of torchao's _float8_dynamic_activation_float8_weight_quantize_
+    # tensor, minus its hardware check (CUDA sm89+), which is all that stops it on a CPU.
+    config = fp8_config()
+    activation_granularity, weight_granularity = config.granularity
+    act_quant_kwargs = QuantizeTensorToFloat8Kwargs(
+        config.activation_dtype,
+        activation_granularity,
+        hp_value_lb=config.activation_value_lb,
+        hp_value_ub=config.activation_value_ub,
+        kernel_preference=config.kernel_preference,
+    )
+    return Float8Tensor.from_hp(
+        weight,
+        float8_dtype=config.weight_dtype,
+        granularity=weight_granularity,
+        mm_config=config.mm_config,
+        kernel_preference=config.kernel_preference,
+        act_quant_kwargs=act_quant_kwargs,
+    )
+
+
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+def _blocked_pieces(qdata: torch.dtype, bits: int, scale: torch.dtype, block: int,
+                    per_tensor: bool) -> Callable[[tuple[int, ...]], dict[str, Spec]]:
+    """NVFP4 / MX: block scales stored swizzled — the (rows, K/block) scale matrix padded to
+    multiples of (128, 4) and kept as (padded_rows / 4, padded_cols * 4), what torchao's
+    to_blocked returns."""
+
+    def pieces(shape: tuple[int, ...]) -> dict[str, Spec]:
+        out_f, in_f = shape
+        rows = -(-out_f // 128) * 128
+        cols = -(-(in_f // block) // 4) * 4
+        out: dict[str, Spec] = {
+            "qdata": (qdata, (out_f, in_f * bits // (8 * qdata.itemsize))),
+            "scale": (scale, (rows // 4, cols * 4)),
+        }
+        if per_tensor:
+            out["per_tensor_scale"] = (torch.float32, ())
+        return out
+
+    return pieces
+
+
+def _rowwise_pieces(shape: tuple[int, ...]) -> dict[str, Spec]:
+    """fp8 rowwise: e4m3 qdata and one fp32 scale per output row."""
+    out_f, in_f = shape
+    return {"qdata": (torch.float8_e4m3fn, (out_f, in_f)), "scale": (torch.float32, (out_f, 1))}
+
+
 @dataclass(frozen=True)
 class Format:
     """A weight format: its torchao config, its block rules and how to build one weight."""
@@ -96,10 +157,9 @@ class Format:
     bits_per_element: float
     config: Callable[[], AOBaseConfig]
     build: Callable[[torch.Tensor], torch.Tensor]
-    bits: int  # bits per element of qdata
-    qdata_dtype: torch.dtype
-    scale_dtype: torch.dtype
-    per_tensor_scale: bool
+    # The tensors one weight of a shape flattens to: {suffix: (dtype, shape)};
+    # ``blk.lin.weight`` is saved as ``blk.lin._weight_<suffix>``.
+    pieces: Callable[[tuple[int, ...]], dict[str, Spec]]
 
     def shape_problem(self, shape: tuple[int, ...]) -> str | None:
         """Why a Linear weight of this shape cannot take the format, or None when it can."""
@@ -130,31 +190,17 @@ class Format:
             )
         return self.build(weight)
 
-    def tensor_metadata(self) -> str:
-        """The torchao safetensors metadata JSON for one weight of this format.
+    def tensor_metadata(self, shape: tuple[int, ...]) -> str:
+        """The torchao safetensors metadata JSON for one weight of this shape.
 
-        It depends only on the format (not on values or shape); built from a real tensor.
+        It never depends on values; for fp8 it records the row length (``block_size``).
+        Built from a real (small) tensor, so it is what torchao writes.
         """
-        return _metadata_of(self.name)
+        return _metadata_of(self.name, int(shape[-1]) if self.name == "fp8" else 0)
 
-    def pieces(self, shape: tuple[int, ...]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """The tensors one weight of this shape flattens to: {suffix: (dtype, shape)}.
-
-        ``blk.lin.weight`` is saved as ``blk.lin._weight_<suffix>``. Block scales are stored
-        swizzled: the (rows, K/block) scale matrix padded to multiples of (128, 4), kept as
-        (padded_rows / 4, padded_cols * 4) — what torchao's to_blocked returns.
-        """
-        out_f, in_f = shape
-        rows = -(-out_f // 128) * 128
-        cols = -(-(in_f // self.block_size) // 4) * 4
-        return {
-            "qdata": (
-                self.qdata_dtype,
-                (out_f, in_f * self.bits // (8 * self.qdata_dtype.itemsize)),
-            ),
-            "scale": (self.scale_dtype, (rows // 4, cols * 4)),
-            **({"per_tensor_scale": (torch.float32, ())} if self.per_tensor_scale else {}),
-        }
+    def tensor_type(self) -> str:
+        """The torchao subclass this format's weights are, e.g. "NVFP4Tensor"."""
+        return tensor_type_of(self.tensor_metadata((128, 128)))
 
     def bytes_for(self, shape: tuple[int, ...]) -> int:
         """Bytes one weight of this shape takes on disk."""
@@ -176,10 +222,7 @@ FORMATS: dict[str, Format] = {
         bits_per_element=4.5,
         config=nvfp4_config,
         build=_quantize_nvfp4,
-        bits=4,
-        qdata_dtype=torch.uint8,
-        scale_dtype=torch.float8_e4m3fn,
-        per_tensor_scale=True,
+        pieces=_blocked_pieces(torch.uint8, 4, torch.float8_e4m3fn, 16, per_tensor=True),
     ),
     "mxfp8": Format(
         name="mxfp8",
@@ -189,10 +232,17 @@ FORMATS: dict[str, Format] = {
         bits_per_element=8.25,
         config=mxfp8_config,
         build=_quantize_mxfp8,
-        bits=8,
-        qdata_dtype=torch.float8_e4m3fn,
-        scale_dtype=torch.float8_e8m0fnu,
-        per_tensor_scale=False,
+        pieces=_blocked_pieces(torch.float8_e4m3fn, 8, torch.float8_e8m0fnu, 32, per_tensor=False),
+    ),
+    "fp8": Format(
+        name="fp8",
+        description="FP8 rowwise: e4m3 elements, fp32 scale per output row",
+        block_size=0,
+        multiple_of=(16, 16),
+        bits_per_element=8.0,
+        config=fp8_config,
+        build=_quantize_fp8,
+        pieces=_rowwise_pieces,
     ),
 }
 
@@ -204,15 +254,16 @@ def get_format(name: str) -> Format:
         raise FormatError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}") from None
 
 
-_METADATA_CACHE: dict[str, str] = {}
+_METADATA_CACHE: dict[tuple[str, int], str] = {}
 
 
-def _metadata_of(name: str) -> str:
-    if name not in _METADATA_CACHE:
-        probe = FORMATS[name].build(torch.zeros(128, 128, dtype=torch.bfloat16))
+def _metadata_of(name: str, row_length: int) -> str:
+    key = (name, row_length)
+    if key not in _METADATA_CACHE:
+        probe = FORMATS[name].build(torch.zeros(128, row_length or 128, dtype=torch.bfloat16))
         _, metadata = flatten_tensor_state_dict({"probe.weight": probe})
-        _METADATA_CACHE[name] = metadata["probe.weight"]
-    return _METADATA_CACHE[name]
+        _METADATA_CACHE[key] = metadata["probe.weight"]
+    return _METADATA_CACHE[key]
 
 
 def tensor_type_of(metadata_json: str) -> str:

@@ -30,7 +30,7 @@ def converted(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
     root = tmp_path_factory.mktemp("out")
     out = {}
-    for fmt in ("nvfp4", "mxfp8"):
+    for fmt in ("nvfp4", "mxfp8", "fp8"):
         out[fmt] = convert(
             root / fmt, fmt=fmt, source=tiny_flux, max_shard_size=10_000_000, progress=False
         ).output

@@ -11,7 +11,7 @@ import torch
 import torchao.prototype.mx_formats.inference_workflow as workflow
 from diffusers import DiffusionPipeline, FluxTransformer2DModel, TorchAoConfig
 from safetensors import safe_open
-from torchao.quantization import quantize_
+from torchao.quantization import quant_api, quantize_
 
 from qconvert.convert import convert
 from qconvert.convert.manifest import MANIFEST
@@ -23,7 +23,9 @@ from qconvert.loaders import load_pipeline, load_transformer, prepare
 FORMAT_NAMES = sorted(FORMATS)
 # Relative L2 error of the tiny transformer's output vs bf16, per format (measured ≈0.10 for
 # nvfp4 and ≈0.035 for mxfp8 on the tiny model; bounds leave room for seeds, not for bugs).
-TOLERANCE = {"nvfp4": 0.2, "mxfp8": 0.07}
+TOLERANCE = {"nvfp4": 0.2, "mxfp8": 0.07, "fp8": 0.07}
+TENSOR_TYPE = {"nvfp4": "NVFP4Tensor", "mxfp8": "MXTensor", "fp8": "Float8Tensor"}
+CPU_PATH = {"nvfp4": "weight-only dequantize", "mxfp8": "emulated", "fp8": "weight-only dequantize"}
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -53,6 +55,7 @@ def test_plain_diffusers_loads_every_layer_bit_exact_with_torchao(
     fmt: str, tiny_flux: Path, converted: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(workflow, "is_sm_at_least_100", lambda: True)
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     source = FluxTransformer2DModel.from_pretrained(
         tiny_flux, subfolder="transformer", dtype=torch.bfloat16
     )
@@ -101,15 +104,10 @@ def test_round_trip_pipeline_call_and_accuracy(
     fmt: str, tiny_flux: Path, converted: dict[str, Path]
 ) -> None:
     plain = DiffusionPipeline.from_pretrained(converted[fmt], dtype=torch.bfloat16)
-    assert type(plain.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == (
-        "NVFP4Tensor" if fmt == "nvfp4" else "MXTensor"
-    )
+    weight = plain.transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__name__ == TENSOR_TYPE[fmt]
     chosen = prepare(plain.transformer, torch.device("cpu"))
-    assert (
-        chosen == {"NVFP4Tensor": "weight-only dequantize"}
-        if fmt == "nvfp4"
-        else {"MXTensor": "emulated"}
-    )
+    assert chosen == {TENSOR_TYPE[fmt]: CPU_PATH[fmt]}
     image = plain(
         "a cat holding a sign", generator=torch.Generator().manual_seed(0), output_type="np", **CALL
     ).images[0]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchao.prototype.mx_formats.inference_workflow as workflow
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-from torchao.quantization import quantize_
+from torchao.quantization import quant_api, quantize_
 
 from qconvert.formats import FORMATS, FormatError, get_format
 
@@ -20,6 +20,7 @@ from qconvert.formats import FORMATS, FormatError, get_format
 @pytest.fixture(autouse=True)
 def _pretend_blackwell(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workflow, "is_sm_at_least_100", lambda: True)
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
 
 
 def torchao_reference(weight: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -126,10 +127,10 @@ def test_size_estimate_is_exact(fmt: str, shape: tuple[int, int]) -> None:
 def test_metadata_is_what_torchao_writes(fmt: str) -> None:
     ref = torchao_reference(torch.randn(64, 64, dtype=torch.bfloat16), fmt)
     _, meta = flatten_tensor_state_dict({"l.weight": ref})
-    assert FORMATS[fmt].tensor_metadata() == meta["l.weight"]
+    assert FORMATS[fmt].tensor_metadata((64, 64)) == meta["l.weight"]
     assert json.loads(meta["l.weight"])["_type"] == type(ref).__name__
 
 
 def test_unknown_format() -> None:
-    with pytest.raises(FormatError, match="unknown format 'int3'; choose one of: nvfp4, mxfp8"):
+    with pytest.raises(FormatError, match="unknown format 'int3'; choose one of: nvfp4, mxfp8, fp8"):
         get_format("int3")

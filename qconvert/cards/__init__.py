@@ -44,11 +44,14 @@ TEMPLATE = Path(__file__).with_name("template.md.j2")
 HUB = "https://huggingface.co"
 TAGS = ("torchao", "qconvert")
 PIPELINE_TAGS = ("text-to-image", "text-to-video", "image-to-image", "image-to-video")
+# Names for the loader's device classes (runtime.device_class); an unnamed class shows as is.
 DEVICE_LABELS = {
     "sm100": "NVIDIA Blackwell (compute capability 10.0+)",
-    "gpu": "other CUDA GPUs (Hopper, Ada, Ampere)",
+    "sm89": "NVIDIA Ada / Hopper (compute capability 8.9, 9.x)",
+    "gpu": "other CUDA GPUs",
     "cpu": "CPU",
 }
+NATIVE_PATH = "native"  # runtime path name: the weights run as saved
 _HUB_CACHE_PATH = re.compile(
     r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<sha>[0-9a-f]{40})$"
 )
@@ -227,12 +230,12 @@ def _kept_groups(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _hardware(fmts: list[str]) -> list[dict[str, Any]]:
-    from qconvert.formats import FORMATS, tensor_type_of
+    from qconvert.formats import FORMATS
     from qconvert.loaders.runtime import TABLE, WHY
 
     out = []
     for name in fmts:
-        kind = tensor_type_of(FORMATS[name].tensor_metadata()) if name in FORMATS else name
+        kind = FORMATS[name].tensor_type() if name in FORMATS else name
         rows = [
             {
                 "device": _cell(DEVICE_LABELS.get(dclass, dclass)),
@@ -243,7 +246,12 @@ def _hardware(fmts: list[str]) -> list[dict[str, Any]]:
             for (tensor, dclass), path in TABLE.items()
             if tensor == kind
         ]
-        out.append({"format": name, "tensor": kind, "rows": rows})
+        native = [
+            DEVICE_LABELS.get(dclass, dclass).split(" (")[0]
+            for (tensor, dclass), path in TABLE.items()
+            if tensor == kind and path.name == NATIVE_PATH
+        ]
+        out.append({"format": name, "tensor": kind, "rows": rows, "native": native})
     return out
 
 
@@ -280,6 +288,7 @@ def _context(
     recipe = manifest["recipe"]
     versions = manifest["versions"]
     lic = _license(manifest, base, files)
+    hardware = _hardware(fmts)
     tag = _pipeline_tag(manifest)
     quantized = [layer for layer in manifest["layers"] if layer["action"] != "keep"]
     by_format = [
@@ -332,7 +341,8 @@ def _context(
         "notes": list(recipe.get("notes", [])),
         "recipe": recipe.get("name"),
         "extra": extra,
-        "hardware": _hardware(fmts),
+        "hardware": hardware,
+        "native": [d for d in hardware[0]["native"] if all(d in h["native"] for h in hardware)],
         "license": lic,
         "pipeline_tag": tag,
         "video": "video" in tag,

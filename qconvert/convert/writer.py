@@ -56,7 +56,9 @@ def quantization_metadata(plan: Plan) -> dict[str, str]:
     names and each weight's torchao subclass description."""
     metadata = {"format": "pt"}
     for item in plan.items:
-        metadata[item.info.name] = item.fmt.tensor_metadata() if item.fmt else TENSOR_META
+        metadata[item.info.name] = (
+            item.fmt.tensor_metadata(item.info.shape) if item.fmt else TENSOR_META
+        )
     metadata["tensor_names"] = json.dumps([item.info.name for item in plan.items])
     return metadata
 
@@ -105,7 +107,7 @@ def _quantize(item: Item, tensor: torch.Tensor, device: torch.device) -> dict[st
     weight = tensor.to(device=device, dtype=torch.bfloat16)
     quantized = item.fmt.quantize(weight, name=item.info.name.removesuffix(".weight"))
     flat, meta = flatten_tensor_state_dict({item.info.name: quantized})
-    if meta[item.info.name] != item.fmt.tensor_metadata():
+    if meta[item.info.name] != item.fmt.tensor_metadata(item.info.shape):
         raise RuntimeError(f"{item.info.name}: torchao metadata differs from the format's; bug")
     return {k: v.to("cpu") for k, v in flat.items()}
 

@@ -16,6 +16,7 @@ import torch
 from torchao.prototype.mx_formats.mx_tensor import MXTensor
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
 from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
 
 log = logging.getLogger("qconvert.loaders")
 
@@ -33,9 +34,9 @@ def _keep(weight: torch.Tensor) -> None:
     return None
 
 
-def _nvfp4_weight_only(weight: torch.Tensor) -> None:
-    # act_quant_kwargs=None: NVFP4Tensor's linear dequantizes the weight and runs F.linear
-    # with bf16 activations (what NVFP4WeightOnlyConfig builds).
+def _weight_only(weight: torch.Tensor) -> None:
+    # act_quant_kwargs=None: NVFP4Tensor's and Float8Tensor's linear dequantize the weight and
+    # run F.linear with bf16 activations (what torchao's weight-only configs build).
     weight.act_quant_kwargs = None
 
 
@@ -48,10 +49,15 @@ def _mx_emulated(weight: torch.Tensor) -> None:
 
 
 NATIVE = Path("native", "torchao's Blackwell kernels (block-scaled tensor cores)", _keep)
-NVFP4_DEQUANT = Path(
+DEQUANT = Path(
     "weight-only dequantize",
-    "weights dequantized to bf16 per matmul, activations stay bf16 (torchao NVFP4 weight-only)",
-    _nvfp4_weight_only,
+    "weights dequantized to bf16 per matmul, activations stay bf16 (torchao weight-only)",
+    _weight_only,
+)
+FP8_ROWWISE = Path(
+    "native",
+    "torchao rowwise FP8: activations quantized per token, FP8 tensor-core GEMM",
+    _keep,
 )
 MX_EMULATED = Path(
     "emulated",
@@ -64,23 +70,33 @@ MX_EMULATED = Path(
 TABLE: dict[tuple[str, str], Path] = {
     ("NVFP4Tensor", "sm100"): NATIVE,
     ("MXTensor", "sm100"): NATIVE,
-    ("NVFP4Tensor", "gpu"): NVFP4_DEQUANT,
+    ("Float8Tensor", "sm100"): FP8_ROWWISE,
+    ("NVFP4Tensor", "sm89"): DEQUANT,
+    ("MXTensor", "sm89"): MX_EMULATED,
+    ("Float8Tensor", "sm89"): FP8_ROWWISE,
+    ("NVFP4Tensor", "gpu"): DEQUANT,
     ("MXTensor", "gpu"): MX_EMULATED,
-    ("NVFP4Tensor", "cpu"): NVFP4_DEQUANT,
+    ("Float8Tensor", "gpu"): DEQUANT,
+    ("NVFP4Tensor", "cpu"): DEQUANT,
     ("MXTensor", "cpu"): MX_EMULATED,
+    ("Float8Tensor", "cpu"): DEQUANT,
 }
 WHY = {
-    "sm100": "Blackwell has NVFP4/MXFP8 tensor cores",
-    "gpu": "this GPU has no NVFP4/MXFP8 tensor cores and qconvert has no fast path for it yet",
-    "cpu": "CPU has no NVFP4/MXFP8 kernels",
+    "sm100": "Blackwell has NVFP4/MXFP8/FP8 tensor cores",
+    "sm89": "Ada/Hopper have FP8 tensor cores but no NVFP4/MXFP8 ones (qconvert's Hopper "
+    "kernels are not wired in yet)",
+    "gpu": "this GPU has no FP8/NVFP4/MXFP8 tensor cores",
+    "cpu": "CPU has no FP8/NVFP4/MXFP8 kernels",
 }
 
 
 def device_class(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm100" if major >= 10 else "gpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 10:
+        return "sm100"
+    return "sm89" if (major, minor) >= (8, 9) else "gpu"
 
 
 def prepare(model: torch.nn.Module, device: torch.device) -> dict[str, str]:
@@ -93,7 +109,7 @@ def prepare(model: torch.nn.Module, device: torch.device) -> dict[str, str]:
     chosen: dict[str, str] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if isinstance(weight, NVFP4Tensor | MXTensor):
+        if isinstance(weight, NVFP4Tensor | MXTensor | Float8Tensor):
             kind = type(weight).__name__
             path = TABLE[(kind, dclass)]
             path.prepare(weight)
