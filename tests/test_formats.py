@@ -132,5 +132,7 @@ def test_metadata_is_what_torchao_writes(fmt: str) -> None:
 
 
 def test_unknown_format() -> None:
-    with pytest.raises(FormatError, match="unknown format 'int3'; choose one of: nvfp4, mxfp8, fp8"):
+    with pytest.raises(
+        FormatError, match="unknown format 'int3'; choose one of: nvfp4, mxfp8, fp8"
+    ):
         get_format("int3")
