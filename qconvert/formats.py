@@ -9,6 +9,7 @@ any device. ``tests/test_formats.py`` proves bit-equality against the real handl
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,8 +118,9 @@ def _quantize_fp8(weight: torch.Tensor) -> Float8Tensor:
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
 
-def _blocked_pieces(qdata: torch.dtype, bits: int, scale: torch.dtype, block: int,
-                    per_tensor: bool) -> Callable[[tuple[int, ...]], dict[str, Spec]]:
+def _blocked_pieces(
+    qdata: torch.dtype, bits: int, scale: torch.dtype, block: int, per_tensor: bool
+) -> Callable[[tuple[int, ...]], dict[str, Spec]]:
     """NVFP4 / MX: block scales stored swizzled — the (rows, K/block) scale matrix padded to
     multiples of (128, 4) and kept as (padded_rows / 4, padded_cols * 4), what torchao's
     to_blocked returns."""
@@ -170,10 +172,14 @@ class Format:
                 return f"{dim}_features {size} not divisible by {multiple} ({self.name} block rule)"
         return None
 
-    def quantize(self, weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    def quantize(
+        self, weight: torch.Tensor, name: str = "weight", fast: bool = True
+    ) -> torch.Tensor:
         """The exact tensor torchao's quantize_ builds for this format's config.
 
         ``weight`` must be a finite bf16 2-D tensor; ``name`` is used in error messages.
+        ``fast`` uses qconvert's CPU quantizer where there is one (bit-identical, tested);
+        otherwise torchao's own construction runs.
         """
         problem = self.shape_problem(tuple(weight.shape))
         if problem:
@@ -188,7 +194,15 @@ class Format:
                 f"{name}: {bad} NaN/Inf value(s) in the weight; fix the source checkpoint "
                 f"or keep this layer with --skip"
             )
-        return self.build(weight)
+        builder = _fast_builders().get(self.name) if fast and weight.device.type == "cpu" else None
+        quantized = (builder or self.build)(weight)
+        if not scales_are_finite(quantized):
+            raise FormatError(
+                f"{name}: torchao's {self.name} construction gives NaN/Inf scales for this weight "
+                f"(an all-zero {'row' if self.name == 'fp8' else 'tensor'}, or values below "
+                f"~1e-35); keep this layer in bf16 with --skip {name}"
+            )
+        return quantized
 
     def tensor_metadata(self, shape: tuple[int, ...]) -> str:
         """The torchao safetensors metadata JSON for one weight of this shape.
@@ -252,6 +266,34 @@ def get_format(name: str) -> Format:
         return FORMATS[name]
     except KeyError:
         raise FormatError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}") from None
+
+
+def scales_are_finite(quantized: torch.Tensor) -> bool:
+    """Whether a quantized weight dequantizes without NaN: torchao stores NaN block scales for
+    an all-zero NVFP4 tensor and NaN elements for an all-zero FP8 row (0/0). Reads the scales,
+    and for FP8 the e4m3 data (one byte compare per element)."""
+
+    def e4m3_nan(t: torch.Tensor) -> bool:
+        return bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+
+    scale = quantized.scale
+    if scale.dtype == torch.float8_e4m3fn and e4m3_nan(scale):
+        return False
+    if scale.dtype == torch.float8_e8m0fnu and bool((scale.view(torch.uint8) == 0xFF).any()):
+        return False
+    if scale.dtype == torch.float32:
+        if not bool(torch.isfinite(scale).all()) or e4m3_nan(quantized.qdata):
+            return False
+    per_tensor = getattr(quantized, "per_tensor_scale", None)
+    return per_tensor is None or bool(torch.isfinite(per_tensor).all())
+
+
+@functools.cache
+def _fast_builders() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """qconvert's vectorized CPU quantizers (qconvert/convert/fastquant.py), by format."""
+    from qconvert.convert import fastquant
+
+    return {"nvfp4": fastquant.quantize_nvfp4, "mxfp8": fastquant.quantize_mxfp8}
 
 
 _METADATA_CACHE: dict[tuple[str, int], str] = {}

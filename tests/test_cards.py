@@ -143,10 +143,14 @@ def test_card_of_every_format_has_every_section(
         assert f"| `{row['path']}` |" in text and f"`{row['sha256']}`" in text
     assert f'DiffusionPipeline.from_pretrained("tiny-flux-{fmt}"' in text
     assert f'load_pipeline("tiny-flux-{fmt}")' in text
-    kind = "NVFP4Tensor" if fmt == "nvfp4" else "MXTensor"
-    for (tensor, _), path in runtime.TABLE.items():
-        if tensor == kind:
-            assert f"| {path.name} | {path.description} |" in text
+    kind = FORMATS[fmt].tensor_type()
+    rows = [(cls, path) for (tensor, cls), path in runtime.TABLE.items() if tensor == kind]
+    as_saved = text.split("Plain diffusers runs the weights as saved on ", 1)[1].split(";")[0]
+    assert rows and "native" in {path.name for _, path in rows}
+    for cls, path in rows:
+        label = cards.DEVICE_LABELS.get(cls, cls)
+        assert f"| {label} | {path.name} | {path.description} | {runtime.WHY[cls]} |" in text
+        assert (label.split(" (")[0] in as_saved) == (path.name == "native"), (label, as_saved)
 
 
 def test_hardware_matrix_is_the_loaders_table(

@@ -236,9 +236,16 @@ def test_repush_of_unchanged_files_is_a_no_op(
     assert len(calls(hub, "PUT", "/upload/")) == len(lfs)  # every LFS object sent once
 
 
-def test_create_pr_and_private_repo(
+def test_create_pr_branch_and_private_repo(
     hub: HubServer, output: Path, published: dict[str, Any]
 ) -> None:
+    add_files = """
+from huggingface_hub import HfApi
+for path in ARGS:  # a file a user added, and a shard an earlier push left behind
+    HfApi().upload_file(path_or_fileobj=b"x", path_in_repo=path, repo_id="alice/pr-demo",
+                        revision="dev")
+"""
+    user_file, stale = "samples/cat.txt", "transformer/diffusion_pytorch_model-00099.safetensors"
     check_private = """
 from huggingface_hub import HfApi, hf_hub_download
 api, repo = HfApi(), ARGS["repo"]
@@ -256,11 +263,14 @@ RESULT = {
 """
     steps = [
         {"args": ["push", str(output), "--repo-id", "alice/pr-demo", "--create-pr", "-q"]},
+        {"args": ["push", str(output), "--repo-id", "alice/pr-demo", "--revision", "dev", "-q"]},
+        {"python": add_files, "args": [user_file, stale]},
+        {"args": ["push", str(output), "--repo-id", "alice/pr-demo", "--revision", "dev", "-q"]},
         {"args": ["push", str(output), "--repo-id", "alice/secret", "--private", "-q"]},
         {"python": check_private, "args": {"repo": "alice/secret", "bob": BOB}},
         {"args": ["push", str(output), "--repo-id", published["repo"], "--private"]},
     ]
-    pr, private, check, public = drive(hub, steps)
+    pr, branch, _, again, private, check, public = drive(hub, steps)
 
     assert pr["code"] == 0, pr["output"]
     head = hub.head("alice/pr-demo", "refs/pr/1")
@@ -270,6 +280,16 @@ RESULT = {
     assert hub.read_file("alice/pr-demo", "qconvert.json", "refs/pr/1") == (
         (output / MANIFEST).read_bytes()
     )
+
+    # --revision: a new branch, made from main; a re-push removes the stale shard, keeps the
+    # user's file, and leaves main alone.
+    assert branch["code"] == 0 and "(revision dev, commit" in branch["output"], branch["output"]
+    assert "from_pretrained('alice/pr-demo', revision='dev')" in branch["output"]
+    assert again["code"] == 0 and "pushed" in again["output"], again["output"]
+    files = set(hub.history("alice/pr-demo", "dev")[0].files)
+    assert user_file in files and stale not in files and MANIFEST in files
+    assert len(hub.history("alice/pr-demo", "dev")) == 5  # initial, push, 2 uploads, push
+    assert set(hub.history("alice/pr-demo")[0].files) == {".gitattributes"}
 
     assert private["code"] == 0, private["output"]
     assert hub.repos[("model", "alice/secret")].private

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic import write_flux_source
 
 from qconvert.convert import Interrupted, OutputError, convert, writer
 from qconvert.convert.safetensors_io import ShardWriter
+from qconvert.convert.synthetic import write_flux_source
 
 SHARD = 8 * 10**6
 

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,6 +307,7 @@ def convert(
     device: str = "auto",
     progress: bool = True,
     resume: bool = False,
+    fast: bool = True,
     command: str = "qconvert (python API)",
 ) -> Result:
     """Convert a diffusers pipeline's transformer; returns where it went and how.
@@ -341,10 +343,13 @@ def convert(
         try:
             dst.mkdir(parents=True, exist_ok=True)
             copied = _copy_components(src, work, only_transformer)
-            weight_map = stream(plan, src, dst, dev, progress, show_bar, skip)
+            # The source's sha256 (for the manifest) is computed beside the conversion.
+            with ThreadPoolExecutor(1, thread_name_prefix="qconvert-hash") as hasher:
+                hashing = hasher.submit(manifest.source_table, src, copied)
+                weight_map = stream(plan, src, dst, dev, progress, show_bar, skip, fast)
+                source_files = hashing.result()
             _write_index(plan, dst, weight_map)
             (dst / "config.json").write_text(_config_json(plan, src))
-            source_files = manifest.source_table(src, copied)
             for header in src.shards:
                 if _stamp(header.path) != stamps[header.path]:
                     raise SourceError(f"{header.path}: changed during conversion; re-run")
