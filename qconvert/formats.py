@@ -48,15 +48,33 @@ def mxfp8_config() -> MXDynamicActivationMXWeightConfig:
     return MXDynamicActivationMXWeightConfig()
 
 
-def _quantize_nvfp4(weight: torch.Tensor) -> NVFP4Tensor:
-    # The dynamic branch of torchao's _nvfp4_inference_linear_transform, minus its sm100 assert.
+def nvfp4_act_quant_kwargs() -> QuantizeTensorToNVFP4Kwargs:
+    """The activation settings torchao's NVFP4 handler stores in each weight."""
     config = nvfp4_config()
-    per_tensor_scale = per_tensor_amax_to_scale(torch.max(torch.abs(weight)))
-    act_quant_kwargs = QuantizeTensorToNVFP4Kwargs(
+    return QuantizeTensorToNVFP4Kwargs(
         use_dynamic_per_tensor_scale=config.use_dynamic_per_tensor_scale,
         use_triton_kernel=config.use_triton_kernel,
         is_swizzled_scales=True,
     )
+
+
+def mxfp8_act_quant_kwargs() -> QuantizeTensorToMXKwargs:
+    """The activation settings torchao's MX handler stores in each weight."""
+    config = mxfp8_config()
+    return QuantizeTensorToMXKwargs(
+        elem_dtype=config.activation_dtype,
+        block_size=config.block_size,
+        kernel_preference=config.kernel_preference,
+        is_swizzled_scales=True,
+        scaling_mode=config.scaling_mode,
+    )
+
+
+def _quantize_nvfp4(weight: torch.Tensor) -> NVFP4Tensor:
+    # The dynamic branch of torchao's _nvfp4_inference_linear_transform, minus its sm100 assert.
+    config = nvfp4_config()
+    per_tensor_scale = per_tensor_amax_to_scale(torch.max(torch.abs(weight)))
+    act_quant_kwargs = nvfp4_act_quant_kwargs()
     quantized = NVFP4Tensor.to_nvfp4(
         weight,
         per_tensor_scale=per_tensor_scale,
@@ -71,13 +89,7 @@ def _quantize_nvfp4(weight: torch.Tensor) -> NVFP4Tensor:
 def _quantize_mxfp8(weight: torch.Tensor) -> MXTensor:
     # torchao's _mx_inference_linear_transform (it has no hardware assert; MX wants bf16).
     config = mxfp8_config()
-    act_quant_kwargs = QuantizeTensorToMXKwargs(
-        elem_dtype=config.activation_dtype,
-        block_size=config.block_size,
-        kernel_preference=config.kernel_preference,
-        is_swizzled_scales=True,
-        scaling_mode=config.scaling_mode,
-    )
+    act_quant_kwargs = mxfp8_act_quant_kwargs()
     return MXTensor.to_mx(
         weight,
         config.weight_dtype,

@@ -34,15 +34,21 @@ import torch
 from torchao.prototype.mx_formats.config import ScaleCalculationMode
 from torchao.prototype.mx_formats.constants import F4_E2M1_MAX, F8E4M3_MAX
 from torchao.prototype.mx_formats.kernels import f32_to_f4_unpacked
-from torchao.prototype.mx_formats.mx_tensor import MXTensor, QuantizeTensorToMXKwargs
+from torchao.prototype.mx_formats.mx_tensor import MXTensor
 from torchao.prototype.mx_formats.nvfp4_tensor import (
     E4M3_EPS,
     NVFP4Tensor,
-    QuantizeTensorToNVFP4Kwargs,
     per_tensor_amax_to_scale,
 )
 
-from qconvert.formats import _quantize_mxfp8, _quantize_nvfp4, mxfp8_config, nvfp4_config
+from qconvert.formats import (
+    _quantize_mxfp8,
+    _quantize_nvfp4,
+    mxfp8_act_quant_kwargs,
+    mxfp8_config,
+    nvfp4_act_quant_kwargs,
+    nvfp4_config,
+)
 
 NVFP4_BLOCK = 16
 MX_BLOCK = 32
@@ -221,11 +227,7 @@ def quantize_nvfp4(w: torch.Tensor) -> NVFP4Tensor:
         scale_m, scale_k = -(-m // 128) * 32, -(-k // 64) * 16
         swizzled = _to_blocked(scale.view(m, k // NVFP4_BLOCK)).view(torch.float8_e4m3fn)
         config = nvfp4_config()
-        act_quant_kwargs = QuantizeTensorToNVFP4Kwargs(
-            use_dynamic_per_tensor_scale=config.use_dynamic_per_tensor_scale,
-            use_triton_kernel=config.use_triton_kernel,
-            is_swizzled_scales=True,
-        )
+        act_quant_kwargs = nvfp4_act_quant_kwargs()
         return NVFP4Tensor(
             qdata,
             swizzled.view(scale_m, scale_k),
@@ -327,13 +329,7 @@ def quantize_mxfp8(w: torch.Tensor) -> MXTensor:
         scale = exponent_table.index_select(0, block_max.to(torch.int32))
         scale_m, scale_k = -(-m // 128) * 32, -(-k // 128) * 16
         swizzled = _to_blocked(scale.view(m, k // MX_BLOCK)).view(torch.float8_e8m0fnu)
-        act_quant_kwargs = QuantizeTensorToMXKwargs(
-            elem_dtype=config.activation_dtype,
-            block_size=config.block_size,
-            kernel_preference=config.kernel_preference,
-            is_swizzled_scales=True,
-            scaling_mode=config.scaling_mode,
-        )
+        act_quant_kwargs = mxfp8_act_quant_kwargs()
         return MXTensor(
             qdata,
             swizzled.view(scale_m, scale_k),

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qconvert.convert.tiny_common import init_linears
+
 if TYPE_CHECKING:
     from diffusers import LTX2Pipeline
     from transformers import GemmaTokenizer
@@ -269,17 +271,6 @@ def tokenizer() -> GemmaTokenizer:
     return tok
 
 
-def _init_linears(model: torch.nn.Module, seed: int) -> None:
-    """Every Linear's weight and bias drawn from N(0, 0.02²), in module order."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, 0.02, generator=gen)
-                if module.bias is not None:
-                    module.bias.normal_(0.0, 0.02, generator=gen)
-
-
 def build_pipeline(seed: int = 0) -> LTX2Pipeline:
     """The tiny LTX2Pipeline in memory: transformer in bf16 (as LTX-2 ships), rest fp32."""
     from diffusers import (
@@ -314,7 +305,7 @@ def build_pipeline(seed: int = 0) -> LTX2Pipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = LTX2VideoTransformer3DModel(**TRANSFORMER)
-        _init_linears(transformer, seed)
+        init_linears(transformer, seed)
         # nn.Module.to: diffusers' own .to warns about fp32 modules, of which this model has none.
         torch.nn.Module.to(transformer, torch.bfloat16)
         torch.manual_seed(seed + 1)

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qconvert.convert.tiny_common import init_linears
+
 if TYPE_CHECKING:
     from diffusers import QwenImagePipeline
     from transformers import Qwen2Tokenizer
@@ -159,17 +161,6 @@ def tokenizer() -> Qwen2Tokenizer:
     )
 
 
-def _init_linears(model: torch.nn.Module, seed: int) -> None:
-    """Every Linear's weight and bias drawn from N(0, 0.02²), in module order."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, 0.02, generator=gen)
-                if module.bias is not None:
-                    module.bias.normal_(0.0, 0.02, generator=gen)
-
-
 def build_pipeline(seed: int = 0) -> QwenImagePipeline:
     """The tiny QwenImagePipeline in memory: transformer bf16 (as Qwen-Image ships), rest fp32."""
     from diffusers import (
@@ -196,7 +187,7 @@ def build_pipeline(seed: int = 0) -> QwenImagePipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = QwenImageTransformer2DModel(**TRANSFORMER)
-        _init_linears(transformer, seed)
+        init_linears(transformer, seed)
         # nn.Module.to: diffusers' own .to warns about fp32 modules, of which this model has none.
         torch.nn.Module.to(transformer, torch.bfloat16)
         torch.manual_seed(seed + 1)
