@@ -48,6 +48,7 @@ PIPELINE_TAGS = ("text-to-image", "text-to-video", "image-to-image", "image-to-v
 DEVICE_LABELS = {
     "sm100": "NVIDIA Blackwell (compute capability 10.0+)",
     "sm89": "NVIDIA Ada / Hopper (compute capability 8.9, 9.x)",
+    "sm80": "NVIDIA Ampere (compute capability 8.0–8.7)",
     "gpu": "other CUDA GPUs",
     "cpu": "CPU",
 }
