@@ -49,7 +49,7 @@ DEVICE_LABELS = {
     "sm100": "NVIDIA Blackwell (compute capability 10.0+)",
     "sm89": "NVIDIA Ada / Hopper (compute capability 8.9, 9.x)",
     "sm80": "NVIDIA Ampere (compute capability 8.0–8.7)",
-    "gpu": "other CUDA GPUs",
+    "gpu": "older CUDA GPUs (before sm80)",
     "cpu": "CPU",
 }
 NATIVE_PATH = "native"  # runtime path name: the weights run as saved
