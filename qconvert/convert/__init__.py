@@ -1,4 +1,4 @@
-"""bf16 diffusers checkpoints → quantized checkpoints (and, later, Hub push)."""
+"""bf16 diffusers checkpoints → quantized checkpoints: plan, stream, manifest, Hub push."""
 
 from qconvert.convert.converter import (
     DEFAULT_MAX_SHARD,
