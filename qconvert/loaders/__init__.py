@@ -67,6 +67,8 @@ def load_transformer(
     if subfolder is None and not _has_root_config(path_or_repo, kwargs):
         subfolder = "transformer"
     kwargs.setdefault("dtype", torch.bfloat16)
+    if dev.type == "cuda":  # straight to the GPU: bf16 weights are never staged on the host
+        kwargs.setdefault("device_map", str(dev))
     if subfolder:
         kwargs["subfolder"] = subfolder
     model = AutoModel.from_pretrained(str(path_or_repo), **kwargs)
