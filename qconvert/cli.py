@@ -18,6 +18,7 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from qconvert.formats import FORMATS  # noqa: E402
+from qconvert.sizes import human_size  # noqa: E402
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -92,6 +93,13 @@ def main() -> None:
     """
 
 
+def _stack(options: list[Callable[..., Any]], f: Callable[..., None]) -> Callable[..., None]:
+    """Apply Click option decorators so they show in --help in list order."""
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _selection_options(f: Callable[..., None]) -> Callable[..., None]:
     """--skip / --only / --recipe / --strict: shared by convert and plan commands."""
     options = [
@@ -118,9 +126,7 @@ def _selection_options(f: Callable[..., None]) -> Callable[..., None]:
         ),
         click.option("--strict", is_flag=True, help="Fail when a pattern matches no Linear layer."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _stack(options, f)
 
 
 def _convert_options(f: Callable[..., None]) -> Callable[..., None]:
@@ -169,9 +175,7 @@ def _convert_options(f: Callable[..., None]) -> Callable[..., None]:
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
         _push_options,
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _stack(options, f)
 
 
 _PUSH_OPTIONS = ("repo_id", "private", "push_revision", "create_pr", "commit_message", "token")
@@ -203,9 +207,7 @@ def _hub_options(f: Callable[..., None], revision: str) -> Callable[..., None]:
             help="Hub token [default: HF_TOKEN, else the `hf auth login` one]. Never shown.",
         ),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _stack(options, f)
 
 
 def _push_options(f: Callable[..., None]) -> Callable[..., None]:
@@ -311,7 +313,7 @@ def _run_convert(family: str, source: str | None, stem: str, opts: dict[str, Any
         f"wrote {result.output} ({', '.join(result.plan.formats)}; recipe {recipe.name}): "
         f"{s['quantized_layers']}/{s['linear_layers']} Linear layers quantized "
         f"({float(s['quantized_share']):.1%} of params), transformer "
-        f"{_gib(int(s['bf16_bytes']))} bf16 → {_gib(int(s['output_bytes']))} "
+        f"{human_size(int(s['bf16_bytes']))} bf16 → {human_size(int(s['output_bytes']))} "
         f"({float(s['size_ratio']):.2f}×) in {result.seconds:.1f} s"
     )
     out = str(result.output)
@@ -485,10 +487,6 @@ def _make_plan(
         return plan_for(src, family, fmt, chosen, strict)
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--verify", is_flag=True, help="Also check every file's sha256 against the manifest.")
@@ -549,12 +547,13 @@ def push_command(path: Path, quiet: bool, **opts: Any) -> None:
         raise click.ClickException(str(e)) from None
 
 
-
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option(
-    "--repo-id", default=None, metavar="ID", help="Repo id the usage snippets load [default: "
-    "<base model>-<format>]."
+    "--repo-id",
+    default=None,
+    metavar="ID",
+    help="Repo id the usage snippets load [default: <base model>-<format>].",
 )
 def card(path: Path, repo_id: str | None) -> None:
     """Re-render a qconvert output's README.md (model card) from its manifest, plus quality.json

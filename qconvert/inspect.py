@@ -10,12 +10,9 @@ from typing import Any
 from qconvert.convert import manifest as mf
 from qconvert.convert.plan import Plan
 from qconvert.convert.source import sha256_file
+from qconvert.sizes import human_size
 
 _BLOCK = re.compile(r"(blocks)\.\d+\.")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def render(root: Path) -> tuple[str, dict[str, Any]]:
@@ -44,8 +41,8 @@ def render(root: Path) -> tuple[str, dict[str, Any]]:
         "versions: " + ", ".join(f"{k} {v}" for k, v in sorted(data["versions"].items())),
         f"params: {s['params']:,} ({s['params_quantized']:,} quantized, "
         f"{s['quantized_share']:.1%})",
-        f"transformer: {_gib(s['bf16_bytes'])} as bf16 → {_gib(s['output_bytes'])} "
-        f"({s['size_ratio']:.3f}×, saves {_gib(s['bf16_bytes'] - s['output_bytes'])})",
+        f"transformer: {human_size(s['bf16_bytes'])} as bf16 → {human_size(s['output_bytes'])} "
+        f"({s['size_ratio']:.3f}×, saves {human_size(s['bf16_bytes'] - s['output_bytes'])})",
         "",
         "layers (blocks collapsed: N = every block index):",
         *layer_table(data["layers"], collapse=True),
@@ -99,7 +96,8 @@ def render_plan(plan: Plan, as_json: bool) -> str:
         "",
         f"{s['quantized_layers']}/{s['linear_layers']} Linear layers quantized; "
         f"{s['params_quantized']:,} of {s['params']:,} params ({s['quantized_share']:.1%})",
-        f"transformer: {_gib(s['bf16_bytes'])} as bf16 → {_gib(s['output_bytes'])} estimated "
+        f"transformer: {human_size(s['bf16_bytes'])} as bf16 → "
+        f"{human_size(s['output_bytes'])} estimated "
         f"({s['size_ratio']:.3f}×)",
     ]
     if plan.unmatched:

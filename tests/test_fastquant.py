@@ -18,38 +18,12 @@ from torchao.prototype.mx_formats.constants import F4_E2M1_MAX, F8E4M3_MAX
 from torchao.prototype.mx_formats.kernels import f32_to_f4_unpacked
 from torchao.prototype.mx_formats.mx_tensor import _to_mx_rceil
 from torchao.prototype.mx_formats.utils import to_blocked
-from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+from torchao_compare import assert_identical
 
 from qconvert import formats
 from qconvert.convert import fastquant
 
 BF16_MAX_FINITE_BITS = 0x7F7F
-
-
-def assert_identical(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert type(ours) is type(ref)
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype
-    names = [*ref.tensor_data_names, *getattr(ref, "optional_tensor_data_names", [])]
-    for name in names:
-        a, b = getattr(ours, name), getattr(ref, name)
-        if b is None:
-            assert a is None, name
-            continue
-        assert (a.dtype, a.shape, a.stride()) == (b.dtype, b.shape, b.stride()), name
-        a8, b8 = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
-        if not torch.equal(a8, b8):
-            bad = (a8 != b8).nonzero().flatten()
-            raise AssertionError(
-                f"{name}: {bad.numel()} bytes differ, first at {bad[:4].tolist()}: "
-                f"ours {a8[bad[:4]].tolist()} torchao {b8[bad[:4]].tolist()}"
-            )
-    attrs = [*ref.tensor_attribute_names, *getattr(ref, "optional_tensor_attribute_names", [])]
-    for attr in attrs:
-        assert getattr(ours, attr) == getattr(ref, attr), attr
-    assert (
-        flatten_tensor_state_dict({"l.weight": ours})[1]
-        == flatten_tensor_state_dict({"l.weight": ref})[1]
-    )
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import torch
 import torchao.prototype.mx_formats.inference_workflow as workflow
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 from torchao.quantization import quant_api, quantize_
+from torchao_compare import assert_identical
 
 from qconvert.formats import FORMATS, FormatError, _fast_builders, get_format, scales_are_finite
 
@@ -28,25 +29,6 @@ def torchao_reference(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     linear.weight.data.copy_(weight)
     quantize_(linear, FORMATS[fmt].config())
     return linear.weight
-
-
-def assert_identical(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert type(ours) is type(ref)
-    names = [*ref.tensor_data_names, *getattr(ref, "optional_tensor_data_names", [])]
-    for name in names:
-        a, b = getattr(ours, name), getattr(ref, name)
-        if b is None:
-            assert a is None, name
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name
-    for attr in ref.tensor_attribute_names:
-        assert getattr(ours, attr) == getattr(ref, attr), attr
-    # The serialized form (what lands in safetensors metadata) is identical too.
-    assert (
-        flatten_tensor_state_dict({"l.weight": ours})[1]
-        == flatten_tensor_state_dict({"l.weight": ref})[1]
-    )
 
 
 def nasty_weights() -> dict[str, torch.Tensor]:

@@ -136,7 +136,7 @@ def test_not_enough_space_is_refused_before_writing(source: Path, tmp_path: Path
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage",
-                        lambda p: type(usage)(usage.total, usage.total - 10**6, 10**6))
+                        lambda p: type(usage)(usage.total, usage.total - 2**20, 2**20))
     with pytest.raises(OutputError, match=r"not enough disk space: the output needs .* MiB, "
                                           r"1\.0 MiB free"):
         run(source, tmp_path / "out")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qconvert.convert import manifest as mf
+from qconvert.sizes import human_size
 
 CARD = "README.md"
 QUALITY = "quality.json"
@@ -114,14 +115,6 @@ def restricts_use(license_id: str | None, license_name: str | None) -> bool:
 def _cell(value: object) -> str:
     text = "" if value is None else str(value)
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def _size(n: int) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    if n >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B"
 
 
 def _value(value: object) -> str:
@@ -329,11 +322,11 @@ def _context(
             "quantized_layers": summary["quantized_layers"],
             "kept_layers": summary["linear_layers"] - summary["quantized_layers"],
             "share": f"{float(summary['quantized_share']):.1%}",
-            "bf16": _size(int(summary["bf16_bytes"])),
-            "output": _size(int(summary["output_bytes"])),
+            "bf16": human_size(int(summary["bf16_bytes"])),
+            "output": human_size(int(summary["output_bytes"])),
             "ratio": f"{float(summary['size_ratio']):.3f}×",
-            "saved": _size(int(summary["bf16_bytes"]) - int(summary["output_bytes"])),
-            "repo": _size(sum(int(row["size"]) for row in manifest["files"])),
+            "saved": human_size(int(summary["bf16_bytes"]) - int(summary["output_bytes"])),
+            "repo": human_size(sum(int(row["size"]) for row in manifest["files"])),
         },
         "kept": _kept_groups(manifest["layers"]),
         "quantized_names": ", ".join(
@@ -362,7 +355,11 @@ def _context(
         "qconvert_version": versions.get("qconvert", "unknown"),
         "source_files": len(src.get("files", [])),
         "files": [
-            {"path": _cell(row["path"]), "size": _size(int(row["size"])), "sha256": row["sha256"]}
+            {
+                "path": _cell(row["path"]),
+                "size": human_size(int(row["size"])),
+                "sha256": row["sha256"],
+            }
             for row in manifest["files"]
         ],
         "quality": quality,

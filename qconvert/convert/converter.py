@@ -53,6 +53,7 @@ from qconvert.convert.writer import (
     stream,
 )
 from qconvert.formats import FORMATS, get_format
+from qconvert.sizes import human_size
 
 log = logging.getLogger("qconvert")
 DEFAULT_MAX_SHARD = 5 * 10**9
@@ -176,13 +177,9 @@ def _check_space(where: Path, needed: int) -> None:
     free = shutil.disk_usage(where).free
     if needed > free:
         raise OutputError(
-            f"{where}: not enough disk space: the output needs {_size(needed)}, "
-            f"{_size(free)} free; free space or write elsewhere with -o"
+            f"{where}: not enough disk space: the output needs {human_size(needed)}, "
+            f"{human_size(free)} free; free space or write elsewhere with -o"
         )
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _write_index(plan: Plan, dst: Path, weight_map: dict[str, str]) -> None:
@@ -374,7 +371,7 @@ def convert(
                 raise Interrupted(f"interrupted; {hint}") from None
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 raise OutputError(
-                    f"{e.filename or work}: disk full ({_size(remaining)} needed for the "
+                    f"{e.filename or work}: disk full ({human_size(remaining)} needed for the "
                     f"rest); free space, then {hint if kept else 're-run'}"
                 ) from None
             raise
