@@ -1,5 +1,6 @@
-"""Load to GPU-ready from local disk: bf16 FLUX.1-dev through diffusers vs our nvfp4 / mxfp8
-checkpoints through qconvert.loaders.load_transformer (diffusers loads, then the Hopper repack).
+"""Load to GPU-ready from local disk: bf16 FLUX.1-dev through diffusers vs our nvfp4 / mxfp8 /
+fp8 checkpoints through qconvert.loaders.load_transformer (diffusers loads, then the runtime
+swap).
 Cold (page cache dropped, when the machine allows) and warm, each load in a fresh process;
 seconds, peak and final GPU GiB. Real config, random weights. GPU only.
 
@@ -46,7 +47,7 @@ def drop_caches() -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--formats", nargs="+", default=["nvfp4", "mxfp8"])
+    ap.add_argument("--formats", nargs="+", default=["nvfp4", "mxfp8", "fp8"])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from qconvert.convert import convert

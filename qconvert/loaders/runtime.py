@@ -58,6 +58,12 @@ def _hopper(linear: torch.nn.Linear) -> torch.nn.Module:
     return HopperQuantLinear.from_linear(linear)
 
 
+def _fp8_fast(linear: torch.nn.Linear) -> torch.nn.Module:
+    from qconvert.loaders.fp8 import Fp8RowwiseLinear
+
+    return Fp8RowwiseLinear.from_linear(linear)
+
+
 NATIVE = Path("native", "torchao's Blackwell kernels (block-scaled tensor cores)", _keep)
 DEQUANT = Path(
     "weight-only dequantize",
@@ -82,6 +88,13 @@ HOPPER = Path(
     _hopper,
 )
 
+FP8_FAST = Path(
+    "qconvert fp8",
+    "activations quantized per token by one fused Triton kernel, then a rowwise FP8 "
+    "tensor-core GEMM ({gemm}) with the bias fused",
+    _fp8_fast,
+)
+
 # (tensor type, device class) → path. Device classes: see device_class().
 TABLE: dict[tuple[str, str], Path] = {
     ("NVFP4Tensor", "sm100"): NATIVE,
@@ -89,7 +102,7 @@ TABLE: dict[tuple[str, str], Path] = {
     ("Float8Tensor", "sm100"): FP8_ROWWISE,
     ("NVFP4Tensor", "sm89"): HOPPER,
     ("MXTensor", "sm89"): HOPPER,
-    ("Float8Tensor", "sm89"): FP8_ROWWISE,
+    ("Float8Tensor", "sm89"): FP8_FAST,
     ("NVFP4Tensor", "sm80"): HOPPER,
     ("MXTensor", "sm80"): HOPPER,
     ("Float8Tensor", "sm80"): DEQUANT,
@@ -100,6 +113,8 @@ TABLE: dict[tuple[str, str], Path] = {
     ("MXTensor", "cpu"): MX_EMULATED,
     ("Float8Tensor", "cpu"): DEQUANT,
 }
+# What runs where Triton is missing on a GPU that would use our kernels.
+FALLBACK = {"NVFP4Tensor": DEQUANT, "MXTensor": MX_EMULATED, "Float8Tensor": FP8_ROWWISE}
 WHY = {
     "sm100": "Blackwell has NVFP4/MXFP8/FP8 tensor cores",
     "sm89": "Ada/Hopper have FP8 tensor cores but no NVFP4/MXFP8 ones",
@@ -126,17 +141,41 @@ def _hopper_available() -> bool:
     return hopper.triton is not None
 
 
+def _describe(path: Path) -> str:
+    if path is FP8_FAST:
+        from qconvert.loaders.fp8 import gemm_backend
+
+        return path.description.format(gemm=gemm_backend())
+    return path.description
+
+
+def choose(weight: torch.Tensor, device: torch.device, dclass: str) -> tuple[Path, str]:
+    """The path for one quantized weight on this device, and why (for the log line)."""
+    kind = type(weight).__name__
+    path = TABLE[(kind, dclass)]
+    why = WHY[dclass]
+    if path in (HOPPER, FP8_FAST) and device.type == "cuda" and not _hopper_available():
+        path = FALLBACK[kind]
+        why += "; Triton is not importable, so qconvert's kernels cannot run"
+    if path is FP8_FAST:
+        from qconvert.loaders.fp8 import is_rowwise_e4m3
+
+        if not is_rowwise_e4m3(weight):
+            path = FP8_ROWWISE
+            why += "; qconvert's FP8 kernels take rowwise e4m3 weights only"
+    return path, why
+
+
 def prepare(
     model: torch.nn.Module, device: torch.device, dclass: str | None = None
 ) -> dict[str, str]:
     """Point every quantized Linear of ``model`` at the path its device runs.
 
-    Returns {tensor type: path name}; logs one line per format. ``dclass`` overrides the
-    device class (tests).
+    Returns {tensor type: path name}; logs one line per format and path. ``dclass`` overrides
+    the device class (tests).
     """
     dclass = dclass or device_class(device)
-    counts: dict[str, int] = {}
-    chosen: dict[str, Path] = {}
+    counts: dict[tuple[str, Path, str], int] = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear):
@@ -144,25 +183,15 @@ def prepare(
             weight = child.weight
             if not isinstance(weight, QUANTIZED):
                 continue
-            kind = type(weight).__name__
-            path = TABLE[(kind, dclass)]
-            if path is HOPPER and device.type == "cuda" and not _hopper_available():
-                log.warning("qconvert: Triton is not importable; %s falls back to dequantize", kind)
-                path = DEQUANT if kind == "NVFP4Tensor" else MX_EMULATED
+            path, why = choose(weight, device, dclass)
             replacement = path.apply(child)
             if replacement is not None:
                 setattr(parent, child_name, replacement)
-            counts[kind] = counts.get(kind, 0) + 1
-            chosen[kind] = path
-    for kind, n in sorted(counts.items()):
-        path = chosen[kind]
+            key = (type(weight).__name__, path, why)
+            counts[key] = counts.get(key, 0) + 1
+    for (kind, path, why), n in sorted(counts.items(), key=lambda kv: kv[0][0]):
         log.warning(
             "qconvert: %d %s weights on %s run %s: %s (%s)",
-            n,
-            kind,
-            device,
-            path.name,
-            path.description,
-            WHY[dclass],
-        )
-    return {kind: path.name for kind, path in chosen.items()}
+            n, kind, device, path.name, _describe(path), why,
+        )  # fmt: skip
+    return {kind: path.name for kind, path, _ in counts}

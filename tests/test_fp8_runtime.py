@@ -1,0 +1,268 @@
+"""qconvert's rowwise FP8 runtime (qconvert/loaders/fp8.py) against torchao's own FP8 path.
+
+Activation quantization must equal torchao's ``_choose_scale_float8`` +
+``_quantize_affine_float8`` bit for bit (CPU emulation on the CPU, the Triton kernel on CUDA),
+except all-zero rows (torchao: scale 0, NaN row; ours: scale 1, zero row). On the GPU the whole
+op must equal torchao's ``F.linear`` on the ``Float8Tensor`` (same quantized operands, same
+GEMM call), and each output element must lie within
+
+    |out - ref| <= 2^-7 (|xq| @ |Wq|^T) + 2^-8 |ref|,   ref = (xq * sx) @ (Wq * sw)^T + bias
+
+(fp32 reference from the quantized operands: bf16 output rounding 2^-9 plus the FP8 tensor
+cores' fast accumulation), and the relative L2 error against the unquantized activations
+under 4e-2 (e4m3 activations: ~2.7 % on Gaussian inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization.quant_primitives import _choose_scale_float8, _quantize_affine_float8
+from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+
+from qconvert.formats import FORMATS
+from qconvert.loaders import fp8, runtime
+from qconvert.loaders.fp8 import Fp8RowwiseLinear, quantize_rows
+
+HAS_GPU = torch.cuda.is_available() and fp8.HAS_TRITON
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and Triton")
+FLUX_NK = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (3072, 15360)]
+
+
+def _torchao_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = _choose_scale_float8(x, block_size=[1, x.shape[-1]])
+    return _quantize_affine_float8(x, scale), scale
+
+
+def _x(m: int, k: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.rand(m, 1, generator=g) * 8  # rows of different magnitudes
+    return (torch.randn(m, k, generator=g) * mag).to(torch.bfloat16).to(device)
+
+
+def _linear(n: int, k: int, seed: int, bias: bool, device: str = "cpu") -> nn.Linear:
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).to(device)
+    lin = nn.Linear(k, n, bias=bias, device=device, dtype=torch.bfloat16)
+    lin.weight = nn.Parameter(FORMATS["fp8"].quantize(w), requires_grad=False)
+    if bias:
+        lin.bias = nn.Parameter(
+            (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16).to(device),
+            requires_grad=False,
+        )
+    return lin
+
+
+def _check_rows(x: torch.Tensor) -> None:
+    q, s = quantize_rows(x)
+    ref_q, ref_s = _torchao_rows(x)
+    zero = (x == 0).all(dim=-1)
+    assert torch.equal(s[~zero], ref_s[~zero]), "scales differ from torchao"
+    assert torch.equal(q[~zero].view(torch.uint8), ref_q[~zero].view(torch.uint8))
+    assert bool((s[zero] == 1).all()) and bool((q[zero].float() == 0).all())
+
+
+def _check_linear(out: torch.Tensor, x: torch.Tensor, lin: nn.Linear) -> None:
+    xq, sx = _torchao_rows(x)
+    w = lin.weight
+    wq = w.qdata.float()
+    ref = (xq.float() * sx) @ (wq * w.scale).T
+    mag = (xq.float().abs() * sx) @ (wq.abs() * w.scale).T
+    if lin.bias is not None:
+        ref = ref + lin.bias.float()
+        mag = mag + lin.bias.float().abs()
+    o = out.float()
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(o).all())
+    err = (o - ref).abs()
+    bound = 2.0**-7 * mag + 2.0**-8 * ref.abs()
+    assert bool((err <= bound).all()), f"{int((err > bound).sum())} elements out of bound"
+    full = x.float() @ w.dequantize(torch.float32).T
+    if lin.bias is not None:
+        full = full + lin.bias.float()
+    assert float((o - full).norm() / full.norm()) < 4e-2
+
+
+# --- CPU (and GPU) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,k", [(64, 3072), (7, 16), (3, 20000)])
+def test_quantize_rows_matches_torchao_cpu(m: int, k: int) -> None:
+    x = _x(m, k, seed=m + k)
+    x[1] = 0  # an all-zero token
+    x[2, :5] = torch.tensor([1e-30, -448.0, 3.0e38, -0.0, 1e-3])
+    _check_rows(x)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_cpu_emulation(bias: bool) -> None:
+    lin = _linear(64, 256, seed=1, bias=bias)
+    mod = Fp8RowwiseLinear.from_linear(lin)
+    x = _x(2 * 9, 256, seed=2).reshape(2, 9, 256)
+    out = mod(x)
+    assert out.shape == (2, 9, 64)
+    _check_linear(out.reshape(-1, 64), x.reshape(-1, 256), lin)
+
+
+def test_module_rejects_other_weights() -> None:
+    lin = nn.Linear(32, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="rowwise e4m3 Float8Tensor"):
+        Fp8RowwiseLinear.from_linear(lin)
+    with pytest.raises(TypeError, match="bf16 activations"):
+        Fp8RowwiseLinear.from_linear(_linear(32, 32, 0, False))(torch.randn(2, 32))
+
+
+def test_prepare_picks_fp8_path_on_hopper_class(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(_linear(64, 128, 0, True), nn.GELU(), _linear(32, 64, 1, False))
+    x = _x(5, 128, seed=3)
+    with torch.no_grad():
+        want = model[2](F.gelu(Fp8RowwiseLinear.from_linear(model[0])(x)))
+    with caplog.at_level(logging.WARNING, logger="qconvert.loaders"):
+        chosen = runtime.prepare(model, torch.device("cpu"), dclass="sm89")
+    assert chosen == {"Float8Tensor": "qconvert fp8"}
+    assert isinstance(model[0], Fp8RowwiseLinear) and isinstance(model[2], Fp8RowwiseLinear)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "2 Float8Tensor weights" in lines[0], lines
+    assert "per token" in lines[0] and "_scaled_mm" in lines[0]
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+def test_broken_mslk_warns_once_and_falls_back(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pkg = tmp_path / "mslk"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "raise ImportError('libmslk.so: undefined symbol: _ZN3c1017SymbolicShapeMeta')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mslk", raising=False)
+    fp8.mslk_gemm.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="qconvert.loaders"):
+            assert fp8.gemm_backend() == "torch._scaled_mm"
+            assert fp8.gemm_backend() == "torch._scaled_mm"
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "undefined symbol" in lines[0] and "\n" not in lines[0]
+        monkeypatch.setenv("QCONVERT_FP8_GEMM", "mslk")
+        fp8.mslk_gemm.cache_clear()
+        with pytest.raises(RuntimeError, match="QCONVERT_FP8_GEMM=mslk"):
+            fp8.mslk_gemm()
+        monkeypatch.setenv("QCONVERT_FP8_GEMM", "fast")
+        fp8.mslk_gemm.cache_clear()
+        with pytest.raises(ValueError, match="auto, torch or mslk"):
+            fp8.mslk_gemm()
+    finally:
+        fp8.mslk_gemm.cache_clear()
+
+
+# --- GPU ------------------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize(
+    "m,k", [(4608, 3072), (4608, 12288), (4608, 15360), (18432, 3072), (77, 3072), (1, 16),
+            (333, 48), (5, 20000)],
+)  # fmt: skip
+def test_quantize_rows_kernel_bit_exact(m: int, k: int) -> None:
+    x = _x(m, k, seed=m * 7 + k, device="cuda")
+    if m > 1:
+        x[1] = 0
+    _check_rows(x)
+
+
+@gpu
+def test_quantize_rows_kernel_strided_rows() -> None:
+    big = _x(300, 4096, seed=5, device="cuda")
+    x = big[:, 1024 : 1024 + 3072]  # rows of 3072 with a row stride of 4096
+    assert x.stride() == (4096, 1)
+    _check_rows(x)
+
+
+def _torchao_torch_kernels(weight: torch.Tensor) -> None:
+    """Pin torchao's Float8Tensor to its torch kernels (its act quant + ``_scaled_mm``), which
+    it uses unless mslk imports."""
+    weight.kernel_preference = KernelPreference.TORCH
+    weight.act_quant_kwargs = dataclasses.replace(
+        weight.act_quant_kwargs, kernel_preference=KernelPreference.TORCH
+    )
+
+
+@gpu
+@pytest.mark.parametrize("n,k", FLUX_NK)
+@pytest.mark.parametrize("m", [4608, 333, 1])
+def test_linear_equals_torchao_rowwise(
+    n: int, k: int, m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fp8, "mslk_gemm", lambda: False)
+    lin = _linear(n, k, seed=n + k, bias=True, device="cuda")
+    x = _x(m, k, seed=m, device="cuda")
+    out = Fp8RowwiseLinear.from_linear(lin)(x)
+    _torchao_torch_kernels(lin.weight)
+    with torch.no_grad():
+        theirs = F.linear(x, lin.weight, lin.bias)  # torchao's Float8Tensor path on this GPU
+    assert torch.equal(out, theirs)
+    _check_linear(out, x, lin)
+
+
+@gpu
+@pytest.mark.skipif(not (HAS_GPU and fp8.mslk_gemm()), reason="mslk does not import here")
+@pytest.mark.parametrize("m,n,k", [(4608, 12288, 3072), (333, 3072, 15360), (1, 16, 16)])
+def test_mslk_backend(m: int, n: int, k: int) -> None:
+    lin = _linear(n, k, seed=k, bias=True, device="cuda")
+    x = _x(m, k, seed=n, device="cuda")
+    _check_linear(Fp8RowwiseLinear.from_linear(lin)(x), x, lin)
+
+
+@gpu
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_odd_shapes(bias: bool) -> None:
+    for m, n, k in [(1, 16, 16), (17, 48, 32), (129, 272, 144), (1000, 64, 20000)]:
+        lin = _linear(n, k, seed=m, bias=bias, device="cuda")
+        x = _x(m, k, seed=n, device="cuda")
+        _check_linear(Fp8RowwiseLinear.from_linear(lin)(x), x, lin)
+
+
+@gpu
+def test_compile_fullgraph_and_cuda_graph() -> None:
+    mod = Fp8RowwiseLinear.from_linear(_linear(3072, 3072, 3, True, device="cuda"))
+    x = _x(2 * 600, 3072, seed=4, device="cuda").reshape(2, 600, 3072)
+    want = mod(x)
+    compiled = torch.compile(mod, fullgraph=True)
+    assert torch.equal(compiled(x), want)
+    static = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        mod(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mod(static)
+    static.copy_(_x(2 * 600, 3072, seed=9, device="cuda").reshape(2, 600, 3072))
+    graph.replay()
+    assert torch.equal(out, mod(static))
+
+
+@gpu
+def test_prepare_on_this_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fp8, "mslk_gemm", lambda: False)
+    model = nn.Sequential(
+        _linear(3072, 3072, 0, True, "cuda"), _linear(256, 3072, 1, False, "cuda")
+    )
+    x = _x(100, 3072, seed=6, device="cuda")
+    for layer in model:
+        _torchao_torch_kernels(layer.weight)
+    with torch.no_grad():
+        theirs = model(x)
+    chosen = runtime.prepare(model, torch.device("cuda"))
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) >= (8, 9) and major < 10:
+        assert chosen == {"Float8Tensor": "qconvert fp8"}
+        assert torch.equal(model(x), theirs)
