@@ -10,7 +10,8 @@ Paths:
 - ``nvfp4-all`` / ``mxfp8-all`` / ``fp8-all``: the same with every single block's
   ``proj_out`` quantized too (a one-rule recipe file; the seed recipe keeps those 38 layers,
   15 % of the parameters, in bf16).
-- ``fp8-scaled-mm``: ``fp8`` with ``torch._scaled_mm`` even where mslk imports.
+- ``fp8-mslk``: ``fp8`` with every GEMM through mslk's ``f8f8bf16_rowwise``
+  (``QCONVERT_FP8_GEMM=mslk``; needs mslk).
 - ``torchao-fp8``: torchao's Hopper option as users apply it: ``quantize_(transformer,
   Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))`` on load.
 - ``torchao-nvfp4-wo``: ``quantize_(transformer, NVFP4WeightOnlyConfig())`` on load.
@@ -28,6 +29,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -187,22 +189,26 @@ def run_path(name: str, base: torch.nn.Module, x: dict, args: argparse.Namespace
     elif name.startswith("torchao-"):
         model = torchao_on_load(base, name)
     else:
-        fmt = name.removesuffix("-all").removesuffix("-scaled-mm")
-        model, row["runtime"] = ours(base, fmt, all_blocks=name.endswith("-all"))
+        fmt = name.removesuffix("-all").removesuffix("-mslk")
+        if name.endswith("-mslk"):  # every FP8 GEMM through mslk (read when modules are built)
+            os.environ["QCONVERT_FP8_GEMM"] = "mslk"
+        try:
+            model, row["runtime"] = ours(base, fmt, all_blocks=name.endswith("-all"))
+        finally:
+            os.environ.pop("QCONVERT_FP8_GEMM", None)
     row["build_s"] = round(time.perf_counter() - t, 1)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     from qconvert.loaders import fp8
 
-    usual = fp8.mslk_gemm
-    if name.endswith("-scaled-mm"):  # ours with torch._scaled_mm even where mslk imports
-        fp8.mslk_gemm = lambda: False  # type: ignore[assignment]
+    if name.endswith("-mslk"):
+        os.environ["QCONVERT_FP8_GEMM"] = "mslk"
     try:
         row["fp8_gemm"] = fp8.gemm_backend()
         measure(name, model, x, args, row, resident)
     finally:
-        fp8.mslk_gemm = usual
+        os.environ.pop("QCONVERT_FP8_GEMM", None)
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -237,6 +243,28 @@ def measure(
             row["compiled_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
 
 
+def meta(batch: int) -> dict:
+    import diffusers
+    import torchao
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "torchao": torchao.__version__, "diffusers": diffusers.__version__,
+        "triton": triton.__version__, "batch": batch,
+        "resolution": "1024x1024 (4096 image + 512 text tokens)",
+        "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+
+
+def ratios(rows: list[dict]) -> None:
+    bf16 = next((r for r in rows if r["path"] == "bf16"), None)
+    for r in rows:
+        for key in ("eager_ms", "graph_ms", "compiled_ms", "compiled_graph_ms", "weight_gib"):
+            if bf16 and key in r and key in bf16:
+                r[f"{key}_x_bf16"] = round(r[key] / bf16[key], 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
@@ -254,7 +282,8 @@ def main() -> None:
         base = FluxTransformer2DModel(guidance_embeds=True).eval()
     torch.set_default_dtype(torch.float32)
     x = inputs(args.batch)
-    rows = []
+    info = meta(args.batch)
+    rows: list[dict] = []
     for name in args.paths:
         try:
             row = run_path(name, base, x, args)
@@ -264,27 +293,10 @@ def main() -> None:
             torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    bf16 = next((r for r in rows if r["path"] == "bf16"), None)
-    for r in rows:
-        for key in ("eager_ms", "graph_ms", "compiled_ms", "compiled_graph_ms", "weight_gib"):
-            if bf16 and key in r and key in bf16:
-                r[f"{key}_x_bf16"] = round(r[key] / bf16[key], 3)
-    import diffusers
-    import torchao
-    import triton
-
-    from qconvert.loaders.fp8 import gemm_backend
-
-    meta = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "torchao": torchao.__version__, "diffusers": diffusers.__version__,
-        "triton": triton.__version__, "fp8_gemm": gemm_backend(), "batch": args.batch,
-        "resolution": "1024x1024 (4096 image + 512 text tokens)",
-        "date": time.strftime("%Y-%m-%d"),
-    }  # fmt: skip
-    print(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        ratios(rows)
+        if args.json:  # after every path: a run cut short keeps what it measured
+            args.json.write_text(json.dumps({"meta": info, "rows": rows}, indent=2))
+    print(json.dumps({"meta": info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

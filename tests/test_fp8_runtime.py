@@ -109,6 +109,14 @@ def test_module_cpu_emulation(bias: bool) -> None:
     _check_linear(out.reshape(-1, 64), x.reshape(-1, 256), lin)
 
 
+def test_compile_fullgraph_cpu() -> None:
+    """The compiled branch traces on any device (aot_eager: dynamo + fake tensors, no C++)."""
+    torch._dynamo.reset()
+    mod = Fp8RowwiseLinear.from_linear(_linear(64, 128, 5, True))
+    x = _x(40, 128, seed=7).reshape(2, 20, 128)
+    assert torch.equal(torch.compile(mod, fullgraph=True, backend="aot_eager")(x), mod(x))
+
+
 def test_module_rejects_other_weights() -> None:
     lin = nn.Linear(32, 32, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="rowwise e4m3 Float8Tensor"):
@@ -121,7 +129,9 @@ def test_prepare_picks_fp8_path_on_hopper_class(caplog: pytest.LogCaptureFixture
     model = nn.Sequential(_linear(64, 128, 0, True), nn.GELU(), _linear(32, 64, 1, False))
     x = _x(5, 128, seed=3)
     with torch.no_grad():
-        want = model[2](F.gelu(Fp8RowwiseLinear.from_linear(model[0])(x)))
+        want = Fp8RowwiseLinear.from_linear(model[2])(
+            F.gelu(Fp8RowwiseLinear.from_linear(model[0])(x))
+        )
     with caplog.at_level(logging.WARNING, logger="qconvert.loaders"):
         chosen = runtime.prepare(model, torch.device("cpu"), dclass="sm89")
     assert chosen == {"Float8Tensor": "qconvert fp8"}
@@ -143,7 +153,7 @@ def test_broken_mslk_warns_once_and_falls_back(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "mslk", raising=False)
-    fp8.mslk_gemm.cache_clear()
+    fp8.mslk_available.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="qconvert.loaders"):
             assert fp8.gemm_backend() == "torch._scaled_mm"
@@ -151,15 +161,15 @@ def test_broken_mslk_warns_once_and_falls_back(
         lines = [r.getMessage() for r in caplog.records]
         assert len(lines) == 1 and "undefined symbol" in lines[0] and "\n" not in lines[0]
         monkeypatch.setenv("QCONVERT_FP8_GEMM", "mslk")
-        fp8.mslk_gemm.cache_clear()
+        fp8.mslk_available.cache_clear()
         with pytest.raises(RuntimeError, match="QCONVERT_FP8_GEMM=mslk"):
-            fp8.mslk_gemm()
+            fp8.mslk_available()
         monkeypatch.setenv("QCONVERT_FP8_GEMM", "fast")
-        fp8.mslk_gemm.cache_clear()
+        fp8.mslk_available.cache_clear()
         with pytest.raises(ValueError, match="auto, torch or mslk"):
-            fp8.mslk_gemm()
+            fp8.mslk_available()
     finally:
-        fp8.mslk_gemm.cache_clear()
+        fp8.mslk_available.cache_clear()
 
 
 # --- GPU ------------------------------------------------------------------------------------
@@ -200,21 +210,28 @@ def _torchao_torch_kernels(weight: torch.Tensor) -> None:
 def test_linear_equals_torchao_rowwise(
     n: int, k: int, m: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fp8, "mslk_gemm", lambda: False)
+    monkeypatch.setenv("QCONVERT_FP8_GEMM", "torch")
     lin = _linear(n, k, seed=n + k, bias=True, device="cuda")
     x = _x(m, k, seed=m, device="cuda")
     out = Fp8RowwiseLinear.from_linear(lin)(x)
-    _torchao_torch_kernels(lin.weight)
-    with torch.no_grad():
-        theirs = F.linear(x, lin.weight, lin.bias)  # torchao's Float8Tensor path on this GPU
-    assert torch.equal(out, theirs)
     _check_linear(out, x, lin)
+    _torchao_torch_kernels(lin.weight)
+    try:
+        with torch.no_grad():
+            theirs = F.linear(x, lin.weight, lin.bias)  # torchao's Float8Tensor path here
+    except RuntimeError as exc:  # cuBLAS refuses some shapes (M = 1, K >= 12288 + bias)
+        assert "CUBLAS" in str(exc), exc
+        assert fp8._PLAN[(m, n, k, True, x.device.index)] != "scaled_mm"
+        return
+    assert torch.equal(out, theirs)
 
 
 @gpu
-@pytest.mark.skipif(not (HAS_GPU and fp8.mslk_gemm()), reason="mslk does not import here")
+@pytest.mark.skipif(not (HAS_GPU and fp8.mslk_available()), reason="mslk does not import")
 @pytest.mark.parametrize("m,n,k", [(4608, 12288, 3072), (333, 3072, 15360), (1, 16, 16)])
-def test_mslk_backend(m: int, n: int, k: int) -> None:
+def test_mslk_backend(m: int, n: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCONVERT_FP8_GEMM", "mslk")
+    assert "mslk" in fp8.gemm_backend()
     lin = _linear(n, k, seed=k, bias=True, device="cuda")
     x = _x(m, k, seed=n, device="cuda")
     _check_linear(Fp8RowwiseLinear.from_linear(lin)(x), x, lin)
@@ -230,12 +247,30 @@ def test_linear_odd_shapes(bias: bool) -> None:
 
 
 @gpu
+@pytest.mark.parametrize(
+    "n,k", [*FLUX_NK, (18432, 3072), (16, 16), (48, 32), (272, 144), (64, 20000)]
+)
+def test_direct_scaled_mm_runs_from_min_m(n: int, k: int) -> None:
+    """Compiled code calls torch._scaled_mm with the bias fused for M >= DIRECT_MIN_M: cuBLAS
+    must take every such shape (it refuses some at M = 1)."""
+    lin = _linear(n, k, seed=k, bias=True, device="cuda")
+    mod = Fp8RowwiseLinear.from_linear(lin)
+    for m in (fp8.DIRECT_MIN_M, fp8.DIRECT_MIN_M + 1, 33, 512, 4608):
+        x = _x(m, k, seed=m, device="cuda")
+        xq, xs = quantize_rows(x)
+        _check_linear(fp8._scaled_mm(xq, xs, mod.qdata, mod.w_scale, mod.bias), x, lin)
+
+
+@gpu
 def test_compile_fullgraph_and_cuda_graph() -> None:
+    torch._dynamo.reset()
     mod = Fp8RowwiseLinear.from_linear(_linear(3072, 3072, 3, True, device="cuda"))
     x = _x(2 * 600, 3072, seed=4, device="cuda").reshape(2, 600, 3072)
     want = mod(x)
     compiled = torch.compile(mod, fullgraph=True)
-    assert torch.equal(compiled(x), want)
+    assert torch.equal(compiled(x), want)  # same kernels: the triton_op and _scaled_mm
+    small = _x(3, 3072, seed=8, device="cuda")  # below DIRECT_MIN_M: through the op
+    assert torch.equal(compiled(small), mod(small))
     static = x.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -252,7 +287,7 @@ def test_compile_fullgraph_and_cuda_graph() -> None:
 
 @gpu
 def test_prepare_on_this_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fp8, "mslk_gemm", lambda: False)
+    monkeypatch.setenv("QCONVERT_FP8_GEMM", "torch")
     model = nn.Sequential(
         _linear(3072, 3072, 0, True, "cuda"), _linear(256, 3072, 1, False, "cuda")
     )

@@ -266,6 +266,26 @@ def test_module_forward(fmt: str, impl: str) -> None:
         _check_gemm(y.reshape(-1, n), x.reshape(-1, k), qw, mod.bias)
 
 
+def _linear_cpu(fmt: str, n: int, k: int) -> nn.Linear:
+    lin = nn.Linear(k, n, dtype=torch.bfloat16)
+    lin.weight = nn.Parameter(_weight(fmt, n, k, seed=n, device="cpu"), requires_grad=False)
+    return lin
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_torch_compile_fullgraph_cpu(fmt: str) -> None:
+    """The compiled branch (rule by row count) traces on any device (aot_eager backend)."""
+    torch._dynamo.reset()
+    mods = nn.Sequential(
+        HopperQuantLinear.from_linear(_linear_cpu(fmt, 64, 128)), nn.GELU(),
+        HopperQuantLinear.from_linear(_linear_cpu(fmt, 128, 64)),
+    )  # fmt: skip
+    for m in (3, 40):  # fused below DEFAULT_FUSED_MAX_M, dequantize + matmul above
+        x = _x(m, 128, seed=m, device="cpu")
+        got = torch.compile(mods, fullgraph=True, backend="aot_eager")(x)
+        assert torch.equal(got, mods(x))
+
+
 @gpu_only
 @pytest.mark.parametrize("fmt", FMTS)
 def test_torch_compile_fullgraph(fmt: str) -> None:

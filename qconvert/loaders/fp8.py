@@ -9,13 +9,20 @@ each Linear computes what torchao's own rowwise path computes, in two launches i
    ``_choose_scale_float8`` + ``_quantize_affine_float8`` on CUDA, bit for bit (tested), except
    that an all-zero row gets scale 1 instead of torchao's 0 (which turns the row's output into
    NaN). A NaN activation turns its output row into NaN either way.
-2. a rowwise-scaled FP8 tensor-core GEMM with the bias in its epilogue: mslk's
-   ``f8f8bf16_rowwise`` when ``import mslk`` works (never a dependency: a broken mslk costs one
-   warning line), else ``torch._scaled_mm``. ``QCONVERT_FP8_GEMM=torch|mslk`` forces one.
+2. a rowwise-scaled FP8 tensor-core GEMM with the bias in its epilogue: ``torch._scaled_mm``
+   (cuBLAS), the call torchao makes. For shapes cuBLAS refuses, the first of ``STRATEGIES``
+   that runs (bias added after, mslk's ``f8f8bf16_rowwise`` when ``import mslk`` works, rows
+   padded to 16, dequantize), remembered per shape and logged once. mslk is never a
+   dependency: a broken mslk costs one warning line. ``QCONVERT_FP8_GEMM=mslk`` runs every GEMM
+   through mslk, ``=torch`` never touches it. On the H100 mslk was no faster under CUDA graphs
+   (111.7 vs 112.3 ms per FLUX step) and much slower without them (host-bound), so it is not
+   the default (benchmarks/results/flux_step_probe_h100.json).
 
-Both run inside the custom op ``qconvert::fp8_rowwise_linear`` (opaque to
-``torch.compile(fullgraph=True)``, capturable in CUDA graphs). Without CUDA + Triton the op
-runs a pure-torch emulation with the same activation numerics (CPU tests).
+Eager and CUDA graphs: the custom op ``qconvert::fp8_rowwise_linear`` runs both. Under
+``torch.compile(fullgraph=True)`` the quantize kernel is a ``triton_op`` and ``_scaled_mm`` an
+aten call, so inductor launches both without a Python op per call (M < ``DIRECT_MIN_M``
+still goes through the op). Without CUDA + Triton the op runs a pure-torch emulation with the
+same activation numerics (CPU tests).
 """
 
 from __future__ import annotations
@@ -42,19 +49,24 @@ SINGLE_PASS_MAX_K = 16384  # rows up to this length are held in registers (one r
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def mslk_gemm() -> bool:
-    """Whether mslk's ``f8f8bf16_rowwise`` is usable. A missing mslk is silent; an installed
-    one that fails to import (e.g. built for another torch) warns once and is left out."""
+def _choice() -> str:
     forced = os.environ.get("QCONVERT_FP8_GEMM", "auto")
     if forced not in ("auto", "torch", "mslk"):
         raise ValueError(f"QCONVERT_FP8_GEMM must be auto, torch or mslk, got {forced!r}")
+    return forced
+
+
+@functools.cache
+def mslk_available() -> bool:
+    """Whether mslk's ``f8f8bf16_rowwise`` is usable. A missing mslk is silent; an installed
+    one that fails to import (e.g. built for another torch) warns once and is left out."""
+    forced = _choice()
     if forced == "torch":
         return False
     try:
         import mslk  # noqa: F401
 
-        op = torch.ops.mslk.f8f8bf16_rowwise  # registered by the import
+        torch.ops.mslk.f8f8bf16_rowwise  # noqa: B018 - registered by the import
     except ModuleNotFoundError as exc:
         if exc.name is not None and exc.name.split(".")[0] != "mslk":
             _warn_mslk(exc)
@@ -66,21 +78,30 @@ def mslk_gemm() -> bool:
         if forced == "mslk":
             raise RuntimeError("QCONVERT_FP8_GEMM=mslk but `import mslk` failed") from exc
         return False
-    return op is not None
+    return True
 
 
 def _warn_mslk(exc: BaseException) -> None:
     first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
     _log.warning(
         "qconvert: mslk is installed but `import mslk` failed (%s: %s), likely built for another "
-        "torch; fp8 GEMMs use torch._scaled_mm instead",
+        "torch; fp8 GEMMs use torch._scaled_mm only",
         type(exc).__name__,
         first,
     )
 
 
+def mslk_forced() -> bool:
+    return _choice() == "mslk" and mslk_available()
+
+
 def gemm_backend() -> str:
-    return "mslk f8f8bf16_rowwise" if mslk_gemm() else "torch._scaled_mm"
+    """What runs the FP8 GEMMs, for the loader's log line."""
+    if mslk_forced():
+        return "mslk f8f8bf16_rowwise (QCONVERT_FP8_GEMM=mslk)"
+    if mslk_available():
+        return "torch._scaled_mm; mslk f8f8bf16_rowwise for shapes cuBLAS refuses"
+    return "torch._scaled_mm"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,12 +158,7 @@ def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 ``x [M, K]`` -> (e4m3 ``[M, K]``, fp32 scale ``[M, 1]``), one scale per row."""
-    if x.dim() != 2:
-        raise ValueError(f"quantize_rows takes [M, K], got {list(x.shape)}")
-    if not (HAS_TRITON and x.is_cuda):
-        return _quantize_rows_torch(x)
+def _quantize_rows_gpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -153,11 +169,42 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     single = k <= SINGLE_PASS_MAX_K
     block = triton.next_power_of_2(k) if single else 4096
     warps = max(1, min(16, block // 512))
-    _quantize_rows_kernel[(m,)](
+    torch.library.wrap_triton(_quantize_rows_kernel)[(m,)](
         x, q, s, k, x.stride(0), q.stride(0),
         BLOCK_K=block, SINGLE=single, INV_MAX=INV_E4M3_MAX, FP8_MAX=E4M3_MAX, num_warps=warps,
     )  # fmt: skip
     return q, s
+
+
+if HAS_TRITON:
+    # A triton_op: torch.compile sees the kernel launch itself (no opaque Python call per step).
+    _rows_op = torch.library.triton_op("qconvert::quantize_rows", mutates_args=())(
+        _quantize_rows_gpu
+    )
+else:
+    _rows_op = torch.library.custom_op("qconvert::quantize_rows", mutates_args=())(
+        _quantize_rows_torch
+    )
+
+    @_rows_op.register_fake
+    def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(
+            (x.shape[0], 1), dtype=torch.float32
+        )
+
+
+@_rows_op.register_kernel("cpu")
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_rows_torch(x)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 ``x [M, K]`` -> (e4m3 ``[M, K]``, fp32 scale ``[M, 1]``), one scale per row."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows takes [M, K], got {list(x.shape)}")
+    if not (HAS_TRITON and x.is_cuda):
+        return _quantize_rows_torch(x)
+    return torch.ops.qconvert.quantize_rows.default(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,27 +212,77 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Row counts from which compiled code calls torch._scaled_mm directly (bias in the epilogue);
+# below it, and in eager mode, the op below runs and falls back for shapes cuBLAS refuses
+# (seen on the H100 with torch 2.11: M = 1, N = 3072, K >= 12288 with a bias).
+DIRECT_MIN_M = 16
+STRATEGIES = ("scaled_mm", "scaled_mm, bias after", "mslk", "scaled_mm, rows padded to 16",
+              "dequantize")  # fmt: skip
+_PLAN: dict[tuple[int, int, int, bool, int | None], str] = {}
+
+
+def _scaled_mm(xq, xs, wq, ws_row, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return torch._scaled_mm(
+        xq, wq.t(), scale_a=xs, scale_b=ws_row, bias=bias, out_dtype=torch.bfloat16,
+        use_fast_accum=True,
+    )  # fmt: skip
+
+
+def _add(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
+def _run(name: str, xq, xs, wq, ws_row, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    if name == "scaled_mm":
+        return _scaled_mm(xq, xs, wq, ws_row, bias)
+    if name == "scaled_mm, bias after":
+        return _add(_scaled_mm(xq, xs, wq, ws_row, None), bias)
+    if name == "mslk":
+        return torch.ops.mslk.f8f8bf16_rowwise(
+            xq, wq, xs, ws_row.reshape(-1, 1), bias=bias, use_fast_accum=True
+        )
+    if name == "scaled_mm, rows padded to 16":
+        m = xq.shape[0]
+        pad = -m % 16 or 16
+        xq_p = torch.cat([xq, xq.new_zeros((pad, xq.shape[1]))])
+        xs_p = torch.cat([xs, xs.new_ones((pad, 1))])
+        return _add(_scaled_mm(xq_p, xs_p, wq, ws_row, None)[:m], bias)
+    out = (xq.float() * xs) @ (wq.float() * ws_row.reshape(-1, 1)).T
+    return _add(out, None if bias is None else bias.float()).to(torch.bfloat16)
+
+
 def _gemm(
     xq: torch.Tensor,
-    x_scale: torch.Tensor,
+    xs: torch.Tensor,
     wq: torch.Tensor,
-    w_scale_row: torch.Tensor,
+    ws_row: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``(xq * x_scale) @ (wq * w_scale)^T + bias`` in bf16 on the FP8 tensor cores."""
-    if mslk_gemm():
-        return torch.ops.mslk.f8f8bf16_rowwise(
-            xq, wq, x_scale, w_scale_row.reshape(-1, 1), bias=bias, use_fast_accum=True
-        )
-    return torch._scaled_mm(
-        xq,
-        wq.t(),
-        scale_a=x_scale,
-        scale_b=w_scale_row,
-        bias=bias,
-        out_dtype=torch.bfloat16,
-        use_fast_accum=True,
-    )
+    """``(xq * xs) @ (wq * ws)^T + bias`` in bf16 on the FP8 tensor cores: torch._scaled_mm,
+    else the first strategy that runs for this shape (remembered per shape)."""
+    if mslk_forced():
+        return _run("mslk", xq, xs, wq, ws_row, bias)
+    key = (xq.shape[0], wq.shape[0], wq.shape[1], bias is not None, xq.device.index)
+    plan = _PLAN.get(key)
+    if plan is not None:
+        return _run(plan, xq, xs, wq, ws_row, bias)
+    errors = []
+    for name in STRATEGIES:
+        if name == "mslk" and not mslk_available():
+            continue
+        try:
+            out = _run(name, xq, xs, wq, ws_row, bias)
+        except RuntimeError as exc:
+            errors.append(f"{name}: {str(exc).splitlines()[0][:120]}")
+            continue
+        _PLAN[key] = name
+        if errors:
+            _log.warning(
+                "qconvert fp8: M=%d N=%d K=%d%s: %s; runs %s",
+                key[0], key[1], key[2], " with bias" if key[3] else "", errors[0], name,
+            )  # fmt: skip
+        return out
+    raise RuntimeError("no FP8 GEMM ran: " + "; ".join(errors))
 
 
 @torch.library.custom_op("qconvert::fp8_rowwise_linear", mutates_args=())
@@ -197,10 +294,7 @@ def fp8_rowwise_linear(
     xq, xs = quantize_rows(x)
     if HAS_TRITON and x.is_cuda:
         return _gemm(xq, xs, qdata, w_scale, bias)
-    out = (xq.float() * xs) @ (qdata.float() * w_scale.reshape(-1, 1)).T
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(torch.bfloat16)
+    return _run("dequantize", xq, xs, qdata, w_scale, bias)
 
 
 @fp8_rowwise_linear.register_fake
@@ -227,6 +321,8 @@ class Fp8RowwiseLinear(nn.Module):
         if scale.numel() != n:
             raise ValueError(f"rowwise FP8 needs {n} scales (one per row), got {scale.numel()}")
         self.in_features, self.out_features = int(k), int(n)
+        # torch._scaled_mm straight from compiled code, unless mslk is forced for every GEMM.
+        self.direct = os.environ.get("QCONVERT_FP8_GEMM", "auto") != "mslk"
         self.register_buffer("qdata", qdata.contiguous())
         self.register_buffer("w_scale", scale.detach().float().reshape(1, n).contiguous())
         if bias is not None:
@@ -258,9 +354,21 @@ class Fp8RowwiseLinear(nn.Module):
         if x.dtype != torch.bfloat16:
             raise TypeError(f"Fp8RowwiseLinear takes bf16 activations, got {x.dtype}")
         lead = x.shape[:-1]
-        y = torch.ops.qconvert.fp8_rowwise_linear.default(
-            x.reshape(-1, self.in_features), self.qdata, self.w_scale, self.bias
-        )
+        x2 = x.reshape(-1, self.in_features)
+        if (
+            torch.compiler.is_compiling()
+            and self.direct
+            and x2.is_cuda
+            and x2.shape[0] >= DIRECT_MIN_M
+        ):
+            # Compiled: the quantize kernel and the GEMM are visible to inductor (no Python
+            # op per call on the host).
+            xq, xs = torch.ops.qconvert.quantize_rows.default(x2)
+            y = _scaled_mm(xq, xs, self.qdata, self.w_scale, self.bias)
+        else:
+            y = torch.ops.qconvert.fp8_rowwise_linear.default(
+                x2, self.qdata, self.w_scale, self.bias
+            )
         return y.reshape(*lead, self.out_features)
 
 

@@ -610,9 +610,10 @@ DEQUANT_CONFIGS: tuple[tuple[int, int, int], ...] = (
     (64, 512, 8),
 )
 
-# Untuned choice (interpreter, CUDA-graph capture, QCONVERT_HOPPER_AUTOTUNE=0): fused up to
-# this many rows, dequantize + cuBLAS above.
-DEFAULT_FUSED_MAX_M = 256
+# Untuned choice (torch.compile, interpreter, CUDA-graph capture, QCONVERT_HOPPER_AUTOTUNE=0):
+# fused up to this many rows, dequantize + cuBLAS above. On the H100 the fused kernel wins at
+# M = 1 (N = 12288: 0.79x vs 2.39x bf16) and loses by 3x at M = 77, N = 3072 (NOTES-gpu.md).
+DEFAULT_FUSED_MAX_M = 16
 
 
 def _m_bucket(m: int) -> int:
@@ -714,8 +715,10 @@ def launch_dequant(
     fmt: str,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,
+    wrap: bool = False,
 ) -> torch.Tensor:
-    """Run the dequantize kernel: packed weight -> bf16 ``[N, K]``."""
+    """Run the dequantize kernel: packed weight -> bf16 ``[N, K]`` (``wrap``: launched through
+    ``torch.library.wrap_triton``, as a triton_op body must)."""
     _check_triton(qdata)
     n, k = _shape_nk(qdata, fmt)
     if fmt == NVFP4:
@@ -730,7 +733,8 @@ def launch_dequant(
         config = _TUNED_DEQUANT.get((fmt, n, k), DEQUANT_CONFIGS[0])
     block_r, block_c, warps = config
     grid = (triton.cdiv(n, block_r), triton.cdiv(k, block_c))
-    _dequant_kernel[grid](
+    kernel = torch.library.wrap_triton(_dequant_kernel) if wrap else _dequant_kernel
+    kernel[grid](
         q, scale.view(torch.uint8), ts, out, n, k,
         FMT=0 if fmt == NVFP4 else 1, BLOCK_R=block_r, BLOCK_C=block_c,
         FP8_NATIVE=_fp8_native(qdata.device), num_warps=warps,
@@ -904,25 +908,45 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.device.type == "cuda"
 
 
-@torch.library.custom_op("qconvert::hopper_dequant", mutates_args=())
-def hopper_dequant(
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def _dequant_gpu(
     qdata: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, fmt: str
 ) -> torch.Tensor:
     """Packed weight -> bf16 ``[N, K]`` (torchao's bf16 dequantize, bit for bit)."""
-    if _on_gpu(qdata):
+    n, k = _shape_nk(qdata, fmt)
+    if (fmt, n, k) not in _TUNED_DEQUANT and _can_tune() and not _is_fake(qdata):
+        tune_dequant(qdata, scale, tensor_scale, fmt)
+    return launch_dequant(qdata, scale, tensor_scale, fmt, wrap=True)
+
+
+if HAS_TRITON:
+    # A triton_op: torch.compile sees the kernel launch itself (no opaque Python call per step).
+    hopper_dequant = torch.library.triton_op("qconvert::hopper_dequant", mutates_args=())(
+        _dequant_gpu
+    )
+else:
+    hopper_dequant = torch.library.custom_op("qconvert::hopper_dequant", mutates_args=())(
+        _dequant_gpu
+    )
+
+    @hopper_dequant.register_fake
+    def _(
+        qdata: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, fmt: str
+    ) -> torch.Tensor:
         n, k = _shape_nk(qdata, fmt)
-        if (fmt, n, k) not in _TUNED_DEQUANT and _can_tune():
-            tune_dequant(qdata, scale, tensor_scale, fmt)
-        return launch_dequant(qdata, scale, tensor_scale, fmt)
-    return _dequant_torch(qdata, scale, tensor_scale, fmt)
+        return qdata.new_empty((n, k), dtype=torch.bfloat16)
 
 
-@hopper_dequant.register_fake
+@hopper_dequant.register_kernel("cpu")
 def _(
     qdata: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, fmt: str
 ) -> torch.Tensor:
-    n, k = _shape_nk(qdata, fmt)
-    return qdata.new_empty((n, k), dtype=torch.bfloat16)
+    return _dequant_torch(qdata, scale, tensor_scale, fmt)
 
 
 @torch.library.custom_op("qconvert::hopper_fused_linear", mutates_args=())
@@ -1058,9 +1082,14 @@ class HopperQuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         args = (x2, self.qdata, self.scale, self.tensor_scale, self.bias, self.fmt)
-        if self.impl == "fused":
+        impl = self.impl
+        if impl == "auto" and torch.compiler.is_compiling():
+            # Compiled: decide from the (static) row count, so that the dequantize kernel and
+            # the matmul are visible to inductor and launched without a Python op per call.
+            impl = "fused" if x2.shape[0] <= DEFAULT_FUSED_MAX_M else "dequant_mm"
+        if impl == "fused":
             y = torch.ops.qconvert.hopper_fused_linear.default(*args)
-        elif self.impl == "dequant_mm":
+        elif impl == "dequant_mm":
             w = torch.ops.qconvert.hopper_dequant.default(
                 self.qdata, self.scale, self.tensor_scale, self.fmt
             )
