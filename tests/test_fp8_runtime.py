@@ -250,27 +250,40 @@ def test_linear_odd_shapes(bias: bool) -> None:
 @pytest.mark.parametrize(
     "n,k", [*FLUX_NK, (18432, 3072), (16, 16), (48, 32), (272, 144), (64, 20000)]
 )
-def test_direct_scaled_mm_runs_from_min_m(n: int, k: int) -> None:
-    """Compiled code calls torch._scaled_mm with the bias fused for M >= DIRECT_MIN_M: cuBLAS
-    must take every such shape (it refuses some at M = 1)."""
+def test_direct_scaled_mm_shapes(n: int, k: int) -> None:
+    """What compiled code calls: torch._scaled_mm without a bias from DIRECT_MIN_M rows, with
+    the bias in the epilogue from BIAS_EPILOGUE_MIN_M rows. cuBLAS must take every such shape
+    (it refuses some smaller M with the bias); all refusals are listed at once."""
     lin = _linear(n, k, seed=k, bias=True, device="cuda")
     mod = Fp8RowwiseLinear.from_linear(lin)
-    for m in (fp8.DIRECT_MIN_M, fp8.DIRECT_MIN_M + 1, 33, 512, 4608):
+    refused = []
+    for m in (1, 16, 17, 33, 255, 256, 257, 512, 4608):
         x = _x(m, k, seed=m, device="cuda")
         xq, xs = quantize_rows(x)
-        _check_linear(fp8._scaled_mm(xq, xs, mod.qdata, mod.w_scale, mod.bias), x, lin)
+        for with_bias in (False, True):
+            try:
+                y = fp8._scaled_mm(xq, xs, mod.qdata, mod.w_scale, mod.bias if with_bias else None)
+            except RuntimeError:
+                refused.append((m, with_bias))
+                continue
+            _check_linear(fp8._add(y, None if with_bias else mod.bias), x, lin)
+    must = [(m, b) for m, b in refused
+            if m >= (fp8.BIAS_EPILOGUE_MIN_M if b else fp8.DIRECT_MIN_M)]  # fmt: skip
+    assert not must, f"cuBLAS refused (M, bias): {refused}"
 
 
 @gpu
 def test_compile_fullgraph_and_cuda_graph() -> None:
     torch._dynamo.reset()
-    mod = Fp8RowwiseLinear.from_linear(_linear(3072, 3072, 3, True, device="cuda"))
+    mod_lin = _linear(3072, 3072, 3, True, device="cuda")
+    mod = Fp8RowwiseLinear.from_linear(mod_lin)
     x = _x(2 * 600, 3072, seed=4, device="cuda").reshape(2, 600, 3072)
     want = mod(x)
     compiled = torch.compile(mod, fullgraph=True)
     assert torch.equal(compiled(x), want)  # same kernels: the triton_op and _scaled_mm
-    small = _x(3, 3072, seed=8, device="cuda")  # below DIRECT_MIN_M: through the op
-    assert torch.equal(compiled(small), mod(small))
+    for m in (3, 100):  # below DIRECT_MIN_M (through the op); bias added after the GEMM
+        xm = _x(m, 3072, seed=m, device="cuda")
+        _check_linear(compiled(xm), xm, mod_lin)
     static = x.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

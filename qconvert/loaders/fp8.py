@@ -159,6 +159,8 @@ def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_rows_gpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not x.is_cuda:  # fake CPU tensors under torch.compile trace the torch version
+        return _quantize_rows_torch(x)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -212,10 +214,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-# Row counts from which compiled code calls torch._scaled_mm directly (bias in the epilogue);
-# below it, and in eager mode, the op below runs and falls back for shapes cuBLAS refuses
-# (seen on the H100 with torch 2.11: M = 1, N = 3072, K >= 12288 with a bias).
+# Compiled code calls torch._scaled_mm directly from DIRECT_MIN_M rows, with the bias in its
+# epilogue from BIAS_EPILOGUE_MIN_M rows and added after it below that: on the H100 (torch
+# 2.11, cuBLAS 13) cuBLAS refuses rowwise scaling + bias for small M with large K (M = 1..33,
+# N = 3072, K >= 12288; N = 64, K = 20000), and takes every shape without the bias. In eager
+# mode and below DIRECT_MIN_M the op below runs, falling back per shape.
 DIRECT_MIN_M = 16
+BIAS_EPILOGUE_MIN_M = 256
 STRATEGIES = ("scaled_mm", "scaled_mm, bias after", "mslk", "scaled_mm, rows padded to 16",
               "dequantize")  # fmt: skip
 _PLAN: dict[tuple[int, int, int, bool, int | None], str] = {}
@@ -364,7 +369,10 @@ class Fp8RowwiseLinear(nn.Module):
             # Compiled: the quantize kernel and the GEMM are visible to inductor (no Python
             # op per call on the host).
             xq, xs = torch.ops.qconvert.quantize_rows.default(x2)
-            y = _scaled_mm(xq, xs, self.qdata, self.w_scale, self.bias)
+            if x2.shape[0] >= BIAS_EPILOGUE_MIN_M:
+                y = _scaled_mm(xq, xs, self.qdata, self.w_scale, self.bias)
+            else:
+                y = _add(_scaled_mm(xq, xs, self.qdata, self.w_scale, None), self.bias)
         else:
             y = torch.ops.qconvert.fp8_rowwise_linear.default(
                 x2, self.qdata, self.w_scale, self.bias

@@ -918,6 +918,8 @@ def _dequant_gpu(
     qdata: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, fmt: str
 ) -> torch.Tensor:
     """Packed weight -> bf16 ``[N, K]`` (torchao's bf16 dequantize, bit for bit)."""
+    if not qdata.is_cuda:  # fake CPU tensors under torch.compile trace the torch version
+        return _dequant_torch(qdata, scale, tensor_scale, fmt)
     n, k = _shape_nk(qdata, fmt)
     if (fmt, n, k) not in _TUNED_DEQUANT and _can_tune() and not _is_fake(qdata):
         tune_dequant(qdata, scale, tensor_scale, fmt)
