@@ -268,7 +268,7 @@ def test_direct_scaled_mm_shapes(n: int, k: int) -> None:
                 continue
             _check_linear(fp8._add(y, None if with_bias else mod.bias), x, lin)
     must = [(m, b) for m, b in refused
-            if m >= (fp8.BIAS_EPILOGUE_MIN_M if b else fp8.DIRECT_MIN_M)]  # fmt: skip
+            if (fp8.bias_in_epilogue(m, n) if b else m >= fp8.DIRECT_MIN_M)]  # fmt: skip
     assert not must, f"cuBLAS refused (M, bias): {refused}"
 
 
@@ -314,3 +314,38 @@ def test_prepare_on_this_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     if (major, minor) >= (8, 9) and major < 10:
         assert chosen == {"Float8Tensor": "qconvert fp8"}
         assert torch.equal(model(x), theirs)
+
+
+def test_fused_projections_on_tiny_flux(converted, caplog: pytest.LogCaptureFixture) -> None:
+    """On sm89/sm90 the loader fuses FLUX's q/k/v (and the text stream's) into one FP8 GEMM:
+    the fused weights are the rows of the three, and the output matches the unfused model."""
+    from diffusers import FluxTransformer2DModel
+
+    from tests.test_convert import transformer_inputs
+
+    def load() -> nn.Module:
+        return FluxTransformer2DModel.from_pretrained(
+            str(converted["fp8"]), subfolder="transformer", dtype=torch.bfloat16
+        )
+
+    unfused, fused = load(), load()
+    runtime.prepare(unfused, torch.device("cpu"), dclass="sm89", fuse_qkv=False)
+    for m in unfused.modules():
+        assert not getattr(m, "fused_projections", False)
+    with caplog.at_level(logging.WARNING, logger="qconvert.loaders"):
+        runtime.prepare(fused, torch.device("cpu"), dclass="sm89")
+    n_attn = len(fused.transformer_blocks) + len(fused.single_transformer_blocks)
+    assert any(f"fused q/k/v of {n_attn} attention" in r.getMessage() for r in caplog.records)
+    attn = fused.transformer_blocks[0].attn
+    ref = unfused.transformer_blocks[0].attn
+    assert attn.fused_projections and not hasattr(attn, "to_q")
+    assert not hasattr(attn, "add_k_proj") and isinstance(attn.to_added_qkv, Fp8RowwiseLinear)
+    rows = torch.cat([ref.to_q.qdata, ref.to_k.qdata, ref.to_v.qdata])
+    assert torch.equal(attn.to_qkv.qdata.view(torch.uint8), rows.view(torch.uint8))
+    single = fused.single_transformer_blocks[0].attn
+    assert single.fused_projections and not hasattr(single, "to_added_qkv")
+    inputs = transformer_inputs(unfused)
+    with torch.no_grad():
+        want = unfused(**inputs).sample.float()
+        got = fused(**inputs).sample.float()
+    assert float((got - want).norm() / want.norm()) < 1e-3

@@ -217,10 +217,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Compiled code calls torch._scaled_mm directly from DIRECT_MIN_M rows, with the bias in its
 # epilogue from BIAS_EPILOGUE_MIN_M rows and added after it below that: on the H100 (torch
 # 2.11, cuBLAS 13) cuBLAS refuses rowwise scaling + bias for small M with large K (M = 1..33,
-# N = 3072, K >= 12288; N = 64, K = 20000), and takes every shape without the bias. In eager
+# N = 3072, K >= 12288; M <= 512, N = 64, K = 20000), and took every tested shape without it
+# (tests/test_fp8_runtime.py::test_direct_scaled_mm_shapes). In eager
 # mode and below DIRECT_MIN_M the op below runs, falling back per shape.
 DIRECT_MIN_M = 16
 BIAS_EPILOGUE_MIN_M = 256
+BIAS_EPILOGUE_MIN_N = 3072  # N = 64, K = 20000 was refused with a bias up to M = 512
+
+
+def bias_in_epilogue(m: int, n: int) -> bool:
+    """Whether compiled code fuses the bias into torch._scaled_mm (else adds it after)."""
+    return m >= BIAS_EPILOGUE_MIN_M and n >= BIAS_EPILOGUE_MIN_N
 STRATEGIES = ("scaled_mm", "scaled_mm, bias after", "mslk", "scaled_mm, rows padded to 16",
               "dequantize")  # fmt: skip
 _PLAN: dict[tuple[int, int, int, bool, int | None], str] = {}
@@ -369,7 +376,7 @@ class Fp8RowwiseLinear(nn.Module):
             # Compiled: the quantize kernel and the GEMM are visible to inductor (no Python
             # op per call on the host).
             xq, xs = torch.ops.qconvert.quantize_rows.default(x2)
-            if x2.shape[0] >= BIAS_EPILOGUE_MIN_M:
+            if bias_in_epilogue(x2.shape[0], self.out_features):
                 y = _scaled_mm(xq, xs, self.qdata, self.w_scale, self.bias)
             else:
                 y = _add(_scaled_mm(xq, xs, self.qdata, self.w_scale, None), self.bias)
@@ -390,3 +397,51 @@ def is_rowwise_e4m3(weight: torch.Tensor) -> bool:
         and list(weight.block_size) == [1, int(k)]
         and weight.scale.numel() == int(n)
     )
+
+
+# Attention modules whose diffusers processor has a fused-projection path: {class: [(the
+# Linears, the fused Linear's name)]}. Rowwise FP8 rows are independent, so concatenating the
+# weights is exact; one GEMM then quantizes the shared input once instead of three times.
+FUSABLE = {
+    "FluxAttention": [(("to_q", "to_k", "to_v"), "to_qkv"),
+                      (("add_q_proj", "add_k_proj", "add_v_proj"), "to_added_qkv")],
+}  # fmt: skip
+
+
+def concat(linears: list[Fp8RowwiseLinear]) -> Fp8RowwiseLinear:
+    """One Fp8RowwiseLinear computing the given ones side by side (outputs concatenated)."""
+    biases = [m.bias for m in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([
+            b if b is not None else m.qdata.new_zeros(m.out_features, dtype=torch.bfloat16)
+            for m, b in zip(linears, biases, strict=True)
+        ])  # fmt: skip
+    return Fp8RowwiseLinear(
+        torch.cat([m.qdata for m in linears]),
+        torch.cat([m.w_scale.reshape(-1) for m in linears]),
+        bias,
+    )
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse the q/k/v Fp8RowwiseLinears of known attention modules (``FUSABLE``) into one, as
+    diffusers' ``fuse_qkv_projections`` does for plain Linears. Returns how many modules."""
+    fused = 0
+    for module in model.modules():
+        groups = FUSABLE.get(type(module).__name__)
+        if not groups or getattr(module, "fused_projections", True):
+            continue
+        present = [(names, out) for names, out in groups if hasattr(module, names[0])]
+        parts = [[getattr(module, n, None) for n in names] for names, _ in present]
+        if not parts or not all(isinstance(m, Fp8RowwiseLinear) for p in parts for m in p):
+            continue  # all or nothing: the fused processor path reads every fused Linear
+        if any(len({m.in_features for m in p}) != 1 for p in parts):
+            continue
+        for (names, out), p in zip(present, parts, strict=True):
+            setattr(module, out, concat(p))
+            for n in names:
+                delattr(module, n)
+        module.fused_projections = True
+        fused += 1
+    return fused

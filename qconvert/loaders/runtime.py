@@ -167,12 +167,16 @@ def choose(weight: torch.Tensor, device: torch.device, dclass: str) -> tuple[Pat
 
 
 def prepare(
-    model: torch.nn.Module, device: torch.device, dclass: str | None = None
+    model: torch.nn.Module,
+    device: torch.device,
+    dclass: str | None = None,
+    fuse_qkv: bool = True,
 ) -> dict[str, str]:
     """Point every quantized Linear of ``model`` at the path its device runs.
 
     Returns {tensor type: path name}; logs one line per format and path. ``dclass`` overrides
-    the device class (tests).
+    the device class (tests). ``fuse_qkv``: on the qconvert fp8 path, fuse attention q/k/v
+    projections into one GEMM where the model's processor supports it (exact).
     """
     dclass = dclass or device_class(device)
     counts: dict[tuple[str, Path, str], int] = {}
@@ -194,4 +198,14 @@ def prepare(
             "qconvert: %d %s weights on %s run %s: %s (%s)",
             n, kind, device, path.name, _describe(path), why,
         )  # fmt: skip
+    if fuse_qkv and any(path is FP8_FAST for _, path, _ in counts):
+        from qconvert.loaders.fp8 import fuse_projections
+
+        fused = fuse_projections(model)
+        if fused:
+            log.warning(
+                "qconvert: fused q/k/v of %d attention modules into one FP8 GEMM each "
+                "(one activation quantization per input; exact: rowwise weights)",
+                fused,
+            )
     return {kind: path.name for kind, path, _ in counts}
