@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import weakref
 
 import pytest
 import torch
@@ -329,11 +330,13 @@ def test_fused_projections_on_tiny_flux(converted, caplog: pytest.LogCaptureFixt
         )
 
     unfused, fused = load(), load()
+    old = weakref.ref(fused.transformer_blocks[0].attn.to_k.weight)
     runtime.prepare(unfused, torch.device("cpu"), dclass="sm89", fuse_qkv=False)
     for m in unfused.modules():
         assert not getattr(m, "fused_projections", False)
     with caplog.at_level(logging.WARNING, logger="qconvert.loaders"):
         runtime.prepare(fused, torch.device("cpu"), dclass="sm89")
+    assert old() is None, "prepare left the replaced weights alive (reference cycle)"
     n_attn = len(fused.transformer_blocks) + len(fused.single_transformer_blocks)
     assert any(f"fused q/k/v of {n_attn} attention" in r.getMessage() for r in caplog.records)
     attn = fused.transformer_blocks[0].attn

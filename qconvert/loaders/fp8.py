@@ -28,6 +28,7 @@ same activation numerics (CPU tests).
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 
@@ -444,4 +445,6 @@ def fuse_projections(model: nn.Module) -> int:
                 delattr(module, n)
         module.fused_projections = True
         fused += 1
+        if fused % 8 == 0:
+            gc.collect()  # free the unfused copies as we go: bounds the peak while loading
     return fused

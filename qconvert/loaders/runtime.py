@@ -9,6 +9,7 @@ path it has, and says which in one log line per format.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,6 +181,7 @@ def prepare(
     """
     dclass = dclass or device_class(device)
     counts: dict[tuple[str, Path, str], int] = {}
+    replaced = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear):
@@ -191,6 +193,9 @@ def prepare(
             replacement = path.apply(child)
             if replacement is not None:
                 setattr(parent, child_name, replacement)
+                replaced += 1
+                if replaced % 64 == 0:
+                    gc.collect()  # a replaced Linear sits in a reference cycle: free it
             key = (type(weight).__name__, path, why)
             counts[key] = counts.get(key, 0) + 1
     for (kind, path, why), n in sorted(counts.items(), key=lambda kv: kv[0][0]):
@@ -208,4 +213,8 @@ def prepare(
                 "(one activation quantization per input; exact: rowwise weights)",
                 fused,
             )
+    if replaced:
+        # Replaced Linears (and their GPU weights, e.g. NVFP4's swizzled scales) sit in
+        # reference cycles; without this they outlive the load until Python's next collection.
+        gc.collect()
     return {kind: path.name for kind, path, _ in counts}
