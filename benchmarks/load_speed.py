@@ -96,6 +96,8 @@ def main() -> None:
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.json:  # after every row: a run cut short keeps what it measured
+                args.json.write_text(json.dumps({"rows": rows}, indent=2))
     import torch
 
     result = {
