@@ -92,7 +92,7 @@ HOPPER = Path(
 FP8_FAST = Path(
     "qconvert fp8",
     "activations quantized per token by one fused Triton kernel, then a rowwise FP8 "
-    "tensor-core GEMM ({gemm}) with the bias fused",
+    "tensor-core GEMM with the bias fused (FLUX attention: q/k/v fused into one GEMM)",
     _fp8_fast,
 )
 
@@ -146,7 +146,7 @@ def _describe(path: Path) -> str:
     if path is FP8_FAST:
         from qconvert.loaders.fp8 import gemm_backend
 
-        return path.description.format(gemm=gemm_backend())
+        return f"{path.description} (GEMM: {gemm_backend()})"
     return path.description
 
 
