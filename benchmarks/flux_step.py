@@ -180,35 +180,36 @@ def profile_kinds(fn: Callable[[], object]) -> dict[str, float]:
 
 
 def run_path(name: str, base: torch.nn.Module, x: dict, args: argparse.Namespace) -> dict:
+    if not name.endswith("-mslk"):
+        return build_and_measure(name, base, x, args)
+    os.environ["QCONVERT_FP8_GEMM"] = "mslk"  # every FP8 GEMM through mslk, build and run
+    try:
+        return build_and_measure(name, base, x, args)
+    finally:
+        os.environ.pop("QCONVERT_FP8_GEMM", None)
+
+
+def build_and_measure(
+    name: str, base: torch.nn.Module, x: dict, args: argparse.Namespace
+) -> dict:
+    from qconvert.loaders import fp8
+
     torch._dynamo.reset()
     resident = torch.cuda.memory_allocated()  # the bf16 base every path is built from
     t = time.perf_counter()
-    row: dict = {"path": name}
+    row: dict = {"path": name, "fp8_gemm": fp8.gemm_backend()}
     if name == "bf16":
         model = copy.deepcopy(base)
     elif name.startswith("torchao-"):
         model = torchao_on_load(base, name)
     else:
         fmt = name.removesuffix("-all").removesuffix("-mslk")
-        if name.endswith("-mslk"):  # every FP8 GEMM through mslk (read when modules are built)
-            os.environ["QCONVERT_FP8_GEMM"] = "mslk"
-        try:
-            model, row["runtime"] = ours(base, fmt, all_blocks=name.endswith("-all"))
-        finally:
-            os.environ.pop("QCONVERT_FP8_GEMM", None)
+        model, row["runtime"] = ours(base, fmt, all_blocks=name.endswith("-all"))
     row["build_s"] = round(time.perf_counter() - t, 1)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    from qconvert.loaders import fp8
-
-    if name.endswith("-mslk"):
-        os.environ["QCONVERT_FP8_GEMM"] = "mslk"
-    try:
-        row["fp8_gemm"] = fp8.gemm_backend()
-        measure(name, model, x, args, row, resident)
-    finally:
-        os.environ.pop("QCONVERT_FP8_GEMM", None)
+    measure(name, model, x, args, row, resident)
     del model
     gc.collect()
     torch.cuda.empty_cache()

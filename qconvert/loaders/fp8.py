@@ -35,7 +35,7 @@ import os
 import torch
 from torch import nn
 
-from qconvert.loaders.hopper import HAS_TRITON, tl, triton
+from qconvert.loaders.hopper import HAS_TRITON, tl, traceable_op, triton
 
 _log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_rows_gpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if not x.is_cuda:  # fake CPU tensors under torch.compile trace the torch version
+    if not x.is_cuda:  # CPU, and CPU fake tensors under torch.compile
         return _quantize_rows_torch(x)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -179,26 +179,7 @@ def _quantize_rows_gpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-if HAS_TRITON:
-    # A triton_op: torch.compile sees the kernel launch itself (no opaque Python call per step).
-    _rows_op = torch.library.triton_op("qconvert::quantize_rows", mutates_args=())(
-        _quantize_rows_gpu
-    )
-else:
-    _rows_op = torch.library.custom_op("qconvert::quantize_rows", mutates_args=())(
-        _quantize_rows_torch
-    )
-
-    @_rows_op.register_fake
-    def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(
-            (x.shape[0], 1), dtype=torch.float32
-        )
-
-
-@_rows_op.register_kernel("cpu")
-def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quantize_rows_torch(x)
+traceable_op("qconvert::quantize_rows", _quantize_rows_gpu)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -908,6 +908,20 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.device.type == "cuda"
 
 
+def traceable_op(name: str, fn: Any) -> Any:
+    """Register ``fn`` as a functional op that torch.compile traces into.
+
+    With Triton: a ``torch.library.triton_op`` (inductor launches its kernels from generated
+    code, no Python call per step). Without: a custom op whose fake implementation is ``fn``
+    itself, which must then take non-CUDA tensors through plain torch code.
+    """
+    if HAS_TRITON:
+        return torch.library.triton_op(name, mutates_args=())(fn)
+    op = torch.library.custom_op(name, mutates_args=())(fn)
+    op.register_fake(fn)
+    return op
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
@@ -918,7 +932,7 @@ def _dequant_gpu(
     qdata: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, fmt: str
 ) -> torch.Tensor:
     """Packed weight -> bf16 ``[N, K]`` (torchao's bf16 dequantize, bit for bit)."""
-    if not qdata.is_cuda:  # fake CPU tensors under torch.compile trace the torch version
+    if not qdata.is_cuda:  # CPU, and CPU fake tensors under torch.compile
         return _dequant_torch(qdata, scale, tensor_scale, fmt)
     n, k = _shape_nk(qdata, fmt)
     if (fmt, n, k) not in _TUNED_DEQUANT and _can_tune() and not _is_fake(qdata):
@@ -926,29 +940,7 @@ def _dequant_gpu(
     return launch_dequant(qdata, scale, tensor_scale, fmt, wrap=True)
 
 
-if HAS_TRITON:
-    # A triton_op: torch.compile sees the kernel launch itself (no opaque Python call per step).
-    hopper_dequant = torch.library.triton_op("qconvert::hopper_dequant", mutates_args=())(
-        _dequant_gpu
-    )
-else:
-    hopper_dequant = torch.library.custom_op("qconvert::hopper_dequant", mutates_args=())(
-        _dequant_gpu
-    )
-
-    @hopper_dequant.register_fake
-    def _(
-        qdata: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, fmt: str
-    ) -> torch.Tensor:
-        n, k = _shape_nk(qdata, fmt)
-        return qdata.new_empty((n, k), dtype=torch.bfloat16)
-
-
-@hopper_dequant.register_kernel("cpu")
-def _(
-    qdata: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, fmt: str
-) -> torch.Tensor:
-    return _dequant_torch(qdata, scale, tensor_scale, fmt)
+hopper_dequant = traceable_op("qconvert::hopper_dequant", _dequant_gpu)
 
 
 @torch.library.custom_op("qconvert::hopper_fused_linear", mutates_args=())
