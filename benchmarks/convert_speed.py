@@ -25,8 +25,11 @@ from pathlib import Path
 
 ONE = """
 import json, sys, time
+from qconvert import formats
 from qconvert.convert import convert
 args = json.loads(sys.argv[1])
+if not args['fast']:
+    formats.FAST_CPU_BUILDERS.clear()  # torchao's reference construction for every weight
 with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')
 def status(key):
@@ -36,7 +39,7 @@ def status(key):
 base = status('VmRSS')
 t = time.perf_counter()
 result = convert(args['out'], source=args['source'], fmt=args['fmt'], device=args['device'],
-                 fast=args['fast'], progress=False, overwrite=True, transformer_only=True,
+                 progress=False, overwrite=True, transformer_only=True,
                  command='benchmark')
 print('RESULT=' + json.dumps({'seconds': time.perf_counter() - t, 'base': base,
       'peak': status('VmHWM'), 'params': result.plan.summary()['params'],
@@ -89,12 +92,14 @@ def main() -> None:
 
     import torch
 
-    from qconvert.convert.synthetic import write_flux_source
+    from qconvert.convert.recipes import families
+    from qconvert.tiny.synthetic import write_flux_source
 
     source = args.workdir / f"src-{args.double}-{args.single}-{int(args.real_width)}"
     if not source.exists():
         t = time.perf_counter()
-        write_flux_source(source, args.double, args.single, real_width=args.real_width,
+        real = families()["flux"].real_config if args.real_width else None
+        write_flux_source(source, args.double, args.single, real_config=real,
                           shard_bytes=5 * 10**9, device=args.gen_device)
         print(f"generated {source} in {time.perf_counter() - t:.1f} s", flush=True)
     bw = bandwidth(source, args.workdir / "scratch.bin")

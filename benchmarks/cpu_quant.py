@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from qconvert.convert.fastquant import quantize_mxfp8, quantize_nvfp4
 from qconvert.formats import FORMATS
+from qconvert.formats.fastquant import quantize_mxfp8, quantize_nvfp4
 
 warnings.filterwarnings("ignore")
 

@@ -120,7 +120,8 @@ def ours(base: torch.nn.Module, fmt: str, all_blocks: bool) -> tuple[torch.nn.Mo
     if all_blocks:
         rule = Rule(SINGLE_PROJ_OUT, "benchmark: single-block proj_out quantized", fmt)
         user = UserRecipe("<flux_step.py>", (rule,))
-    plan = plan_for(real_config_source(families()["flux"]), "flux", fmt, Selection(user=user))
+    source = real_config_source(families()["flux"])
+    plan = plan_for(source, "flux", FORMATS[fmt], Selection(user=user))
     decided = {layer.name: layer.action for layer in plan.layers}
     q = copy.deepcopy(base)
     for name, module in q.named_modules():

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from qconvert.convert import convert, tiny_flux
+from qconvert.convert import convert
 from qconvert.loaders import load_pipeline
+from qconvert.tiny import flux as tiny_flux
 
 
 def main() -> None:

@@ -51,11 +51,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from qconvert.convert import convert
-    from qconvert.convert.synthetic import write_flux_source
+    from qconvert.convert.recipes import families
+    from qconvert.tiny.synthetic import write_flux_source
 
     src = args.workdir / "src-19-38-1"
     if not src.exists():
-        write_flux_source(src, 19, 38, real_width=True, shard_bytes=5 * 10**9, device="cuda")
+        real = families()["flux"].real_config
+        write_flux_source(src, 19, 38, real_config=real, shard_bytes=5 * 10**9, device="cuda")
     paths = {"bf16": src}
     for fmt in args.formats:
         out = args.workdir / f"load-{fmt}"

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qconvert.convert import manifest as mf
-from qconvert.convert.plan import Plan
-from qconvert.convert.source import sha256_file
+from qconvert import manifest as mf
+from qconvert.errors import ManifestError
 from qconvert.sizes import human_size
+
+if TYPE_CHECKING:
+    from qconvert.convert.plan import Plan
 
 _BLOCK = re.compile(r"(blocks)\.\d+\.")
 
 
 def render(root: Path) -> tuple[str, dict[str, Any]]:
     if not root.exists():
-        raise FileNotFoundError(f"{root}: no such file or directory")
+        raise ManifestError(f"{root}: no such file or directory")
     data: dict[str, Any] = mf.load(root)
     s = data["summary"]
     src = data["source"]
@@ -103,13 +105,3 @@ def render_plan(plan: Plan, as_json: bool) -> str:
     if plan.unmatched:
         lines.append(f"patterns matching no layer: {', '.join(plan.unmatched)}")
     return "\n".join(lines)
-
-
-def verify_files(root: Path, data: dict[str, Any]) -> None:
-    """Raise ValueError naming the first file that is missing or differs from the manifest."""
-    for row in data["files"]:
-        path = root / row["path"]
-        if not path.is_file():
-            raise ValueError(f"{path}: listed in {mf.MANIFEST} but missing")
-        if path.stat().st_size != row["size"] or sha256_file(path) != row["sha256"]:
-            raise ValueError(f"{path}: differs from {mf.MANIFEST} (sha256 mismatch)")

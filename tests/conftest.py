@@ -16,7 +16,7 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny FLUX pipeline folder (bf16 transformer), as a local diffusers source."""
-    from qconvert.convert import tiny_flux
+    from qconvert.tiny import flux as tiny_flux
 
     path = tmp_path_factory.mktemp("src") / "tiny-flux"
     tiny_flux.build(path, seed=0)

@@ -17,9 +17,9 @@ from huggingface_hub import ModelCard
 from qconvert import cards
 from qconvert.cards import CardError, default_repo_name, render_card, restricts_use
 from qconvert.cli import main
-from qconvert.convert.manifest import MANIFEST
 from qconvert.formats import FORMATS
 from qconvert.loaders import runtime
+from qconvert.manifest import MANIFEST
 
 SECTIONS = ["## What this is", "## Sizes", "## Hardware", "## Usage", "## How it was made"]
 # License ids the Hub accepts (a subset of https://huggingface.co/docs/hub/repositories-licenses).

@@ -11,9 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from qconvert.cli import main, parse_size
+from qconvert.cli import main
 from qconvert.convert import writer
 from qconvert.convert.safetensors_io import read_header, write_file
+from qconvert.sizes import parse_size
 
 
 def run(*args: str) -> Result:

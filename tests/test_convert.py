@@ -15,11 +15,10 @@ from torchao.quantization import quant_api, quantize_
 from torchao_compare import assert_identical
 
 from qconvert.convert import convert
-from qconvert.convert.manifest import MANIFEST
-from qconvert.convert.source import sha256_file
-from qconvert.convert.tiny_flux import CALL
 from qconvert.formats import FORMATS
 from qconvert.loaders import load_pipeline, load_transformer, prepare
+from qconvert.manifest import MANIFEST, sha256_file
+from qconvert.tiny.flux import CALL
 
 FORMAT_NAMES = sorted(FORMATS)
 # Relative L2 error of the tiny transformer's output vs bf16, per format (measured 0.0082

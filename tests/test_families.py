@@ -19,13 +19,14 @@ from qconvert.convert import (
     families,
     plan_for,
     selection_for,
-    tiny_flux,
-    tiny_ltx2,
-    tiny_qwenimage,
 )
 from qconvert.convert.plan import real_config_source
 from qconvert.convert.source import open_local
+from qconvert.formats import FORMATS
 from qconvert.loaders import load_pipeline, prepare
+from qconvert.tiny import flux as tiny_flux
+from qconvert.tiny import ltx2 as tiny_ltx2
+from qconvert.tiny import qwenimage as tiny_qwenimage
 
 TINY = {"flux": tiny_flux, "qwenimage": tiny_qwenimage, "ltx2": tiny_ltx2}
 Q = "<format>"
@@ -118,7 +119,7 @@ def test_real_architectures(family: str, share: float, ratio: float) -> None:
     """On the real model configs, every recipe pattern matches a layer (none is stale) and the
     quantized share and nvfp4 size ratio are what the closing notes report."""
     recipe = families()[family]
-    plan = plan_for(real_config_source(recipe), family, "nvfp4", selection_for())
+    plan = plan_for(real_config_source(recipe), family, FORMATS["nvfp4"], selection_for())
     assert plan.unmatched == []
     check_decisions(family, "nvfp4", [vars(x) for x in plan.layers])
     s = plan.summary()
@@ -257,7 +258,7 @@ def test_model_command_uses_the_family_recipe_when_there_is_one(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:
     src = open_local(sources["qwenimage"])
-    plan = plan_for(src, "auto", "nvfp4", selection_for())
+    plan = plan_for(src, "auto", FORMATS["nvfp4"], selection_for())
     assert plan.recipe.name == "qwenimage"
 
 

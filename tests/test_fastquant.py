@@ -1,6 +1,6 @@
 """The fast quantizers build exactly the tensors ``FORMATS[fmt].build`` (torchao) builds.
 
-The reference is ``qconvert.formats._quantize_<fmt>``, torchao's own construction (what
+The reference is ``qconvert.formats.reference.quantize_<fmt>``, torchao's own construction (what
 ``FORMATS[fmt].build`` is today; used directly so these tests keep comparing against
 torchao if ``build`` is ever switched to the fast path). Every case compares all bytes of
 qdata, scale and per-tensor scale plus every attribute and the safetensors metadata, and
@@ -21,7 +21,7 @@ from torchao.prototype.mx_formats.utils import to_blocked
 from torchao_compare import assert_identical
 
 from qconvert import formats
-from qconvert.convert import fastquant
+from qconvert.formats import fastquant
 
 BF16_MAX_FINITE_BITS = 0x7F7F
 
@@ -49,7 +49,7 @@ def run(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, torch.Tensor], bool]:
 
 
 def reference(fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    return getattr(formats, f"_quantize_{fmt}")
+    return getattr(formats.reference, f"quantize_{fmt}")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -15,7 +15,7 @@ from torchao.prototype.safetensors.safetensors_support import flatten_tensor_sta
 from torchao.quantization import quant_api, quantize_
 from torchao_compare import assert_identical
 
-from qconvert.formats import FORMATS, FormatError, _fast_builders, get_format, scales_are_finite
+from qconvert.formats import FAST_CPU_BUILDERS, FORMATS, FormatError, get_format, scales_are_finite
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,7 @@ def test_bit_exact_with_torchao(fmt: str, case: str) -> None:
     assert (fmt, case) in {(f, c) for f in ("nvfp4", "fp8") for c in ("all_zero", "negative_zero")}
     with pytest.raises(FormatError, match=f"{case}: torchao's {fmt} construction gives NaN"):
         FORMATS[fmt].quantize(weight, name=case)
-    fast = _fast_builders().get(fmt, FORMATS[fmt].build)
+    fast = FAST_CPU_BUILDERS.get(fmt, FORMATS[fmt].build)
     assert_identical(fast(weight), reference)
 
 

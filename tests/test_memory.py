@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qconvert.convert.synthetic import write_flux_source
+from qconvert.tiny.synthetic import write_flux_source
 
 PROBE = """
 import json, sys

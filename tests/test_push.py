@@ -31,8 +31,8 @@ import pytest
 import yaml
 from hubserver import HubServer, client_env
 
-from qconvert.convert.manifest import MANIFEST
-from qconvert.convert.push import PushError, check_output, push
+from qconvert.hub import PushError, check_output, push
+from qconvert.manifest import MANIFEST
 
 ALICE = "hf_test_alice_write_d41d8cd9"  # fake tokens, only meaningful to HubServer
 BOB = "hf_test_bob_write_8f00b204"
@@ -85,7 +85,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-from qconvert.convert.tiny_flux import CALL
+from qconvert.tiny.flux import CALL
 from qconvert.loaders import load_pipeline
 
 os.environ.pop("HF_TOKEN", None)  # a public repo: anyone loads it

@@ -19,7 +19,7 @@ import torch
 
 from qconvert.convert import Interrupted, OutputError, convert, writer
 from qconvert.convert.safetensors_io import ShardWriter
-from qconvert.convert.synthetic import write_flux_source
+from qconvert.tiny.synthetic import write_flux_source
 
 SHARD = 8 * 10**6
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qconvert.convert import tiny_ltx2, tiny_qwenimage
+from qconvert.tiny import ltx2 as tiny_ltx2
+from qconvert.tiny import qwenimage as tiny_qwenimage
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

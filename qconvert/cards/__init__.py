@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qconvert.convert import manifest as mf
+from qconvert import manifest as mf
+from qconvert.errors import QconvertError
 from qconvert.sizes import human_size
 
 CARD = "README.md"
@@ -61,7 +62,7 @@ _BLOCK = re.compile(r"(blocks)\.\d+\.")
 _NON_COMMERCIAL = re.compile(r"(^|[-_ ])nc([-_ .]|$)|non[-_ ]?commercial", re.IGNORECASE)
 
 
-class CardError(ValueError):
+class CardError(QconvertError, ValueError):
     """A card that cannot be rendered (bad manifest or measurement file); says which file."""
 
 
@@ -191,12 +192,9 @@ def _license(manifest: dict[str, Any], base: Base, files: set[str]) -> dict[str,
 
 def _pipeline_tag(manifest: dict[str, Any]) -> str:
     recipe = manifest.get("recipe", {})
-    if recipe.get("pipeline_tag"):
-        return str(recipe["pipeline_tag"])
-    from qconvert.convert.recipes import recipe_for_class
-
-    found = recipe_for_class(str(manifest.get("source", {}).get("class", "")))
-    return found.pipeline_tag if found else "text-to-image"
+    # Every family recipe records its tag; the generic recipe has none (its class matched no
+    # family, else the family recipe would have been used).
+    return str(recipe.get("pipeline_tag") or "text-to-image")
 
 
 def _kept_groups(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,17 +1,17 @@
-"""bf16 diffusers checkpoints → quantized checkpoints: plan, stream, manifest, Hub push."""
+"""bf16 diffusers checkpoints → quantized checkpoints: source, plan, recipes, stream, finish."""
 
 from qconvert.convert.converter import (
     DEFAULT_MAX_SHARD,
-    Interrupted,
-    OutputError,
     Result,
     convert,
     plan_for,
+    plan_target,
     selection_for,
 )
 from qconvert.convert.plan import Layer, Plan, PlanError, Selection, make_plan
 from qconvert.convert.recipes import Recipe, RecipeError, families
 from qconvert.convert.source import SourceError
+from qconvert.convert.workdir import Interrupted, OutputError
 
 __all__ = [
     "DEFAULT_MAX_SHARD",
@@ -29,5 +29,6 @@ __all__ = [
     "families",
     "make_plan",
     "plan_for",
+    "plan_target",
     "selection_for",
 ]

@@ -1,16 +1,14 @@
-"""load → plan → quantize → save: the streaming converter.
+"""open the source → plan → stream → finish → card: the converter, in a few verbs.
 
-Tensors are read one at a time (no mmap), quantized on the chosen device, and gathered into
-the planned output shard, which is written as soon as its last tensor is in. Peak memory is
-one output shard plus one tensor's working set, whatever the model size. Everything is
-written into a hidden work directory beside the output and renamed into place at the end,
-so an interrupted run never leaves an output that looks complete.
+Tensors are read one at a time (no mmap), quantized on the chosen device, and written at
+their planned offsets in the output shards; reading, quantizing and writing overlap. Everything
+goes into a hidden work directory beside the output (``workdir``), which is renamed into place
+at the end, so an interrupted run never leaves an output that looks complete.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import shutil
 import tempfile
@@ -23,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from qconvert.convert import manifest
-from qconvert.convert.plan import Plan, PlanError, Selection, make_plan
+from qconvert import manifest, tiny
+from qconvert.convert import record, workdir
+from qconvert.convert.plan import Plan, PlanError, Selection, make_plan, real_config_source
 from qconvert.convert.recipes import (
     Recipe,
     RecipeError,
@@ -35,36 +34,22 @@ from qconvert.convert.recipes import (
     recipe_for_class,
 )
 from qconvert.convert.source import (
-    WEIGHTS_INDEX,
     Source,
     SourceError,
     download,
     looks_like_repo_id,
     open_local,
+    remote_headers,
 )
-from qconvert.convert.writer import (
-    PROGRESS,
-    Progress,
-    finished_shards,
-    known_hashes,
-    plan_digest,
-    quantization_metadata,
-    shard_names,
-    stream,
-)
-from qconvert.formats import FORMATS, get_format
+from qconvert.convert.workdir import Interrupted, OutputError
+from qconvert.convert.writer import PROGRESS, Progress, known_hashes, shard_names, stream
+from qconvert.errors import UsageError
+from qconvert.formats import Format, get_format
 from qconvert.sizes import human_size
 
 log = logging.getLogger("qconvert")
 DEFAULT_MAX_SHARD = 5 * 10**9
-
-
-class OutputError(ValueError):
-    """The output path cannot be written as asked."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C during a conversion; the message says what was kept and how to resume."""
+__all__ = ["DEFAULT_MAX_SHARD", "Interrupted", "OutputError", "Result", "convert", "plan_target"]
 
 
 @dataclass
@@ -83,7 +68,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
     return torch.device(device)
 
 
@@ -97,14 +82,10 @@ def open_source(
 ) -> Iterator[Source]:
     """Yield the source: a local folder, a Hub repo id, or (None) the recipe's tiny build."""
     if source is None:
-        import importlib
-
-        if recipe is None or not recipe.tiny_module:
+        if recipe is None or not recipe.tiny:
             raise SourceError("no tiny build for this recipe; give a source")
-
-        tiny = importlib.import_module(recipe.tiny_module)
         with tempfile.TemporaryDirectory(prefix="qconvert-tiny-") as tmp:
-            tiny.build(Path(tmp), seed)
+            tiny.build(recipe.tiny, Path(tmp), seed)
             yield open_local(Path(tmp), {"kind": "tiny", "family": recipe.name, "seed": seed})
         return
     if isinstance(source, str) and looks_like_repo_id(source):
@@ -113,119 +94,6 @@ def open_source(
     if revision:
         raise SourceError(f"{source}: --revision only applies to Hub repo ids")
     yield open_local(Path(source))
-
-
-def _work_dir(output: Path, overwrite: bool, resume: bool) -> Path:
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"{output}: exists and is not a directory")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = output.parent / f".{output.name}.qconvert-partial"
-    if work.exists() and not resume:
-        raise OutputError(
-            f"{work}: work directory of an interrupted run; re-run with --resume to continue it, "
-            f"or delete it"
-        )
-    return work
-
-
-def _fingerprint(plan: Plan, source: Source, fmt: str, transformer_only: bool) -> dict[str, object]:
-    """What a resumed run must share with the interrupted one."""
-    from qconvert import __version__
-
-    described = {k: v for k, v in source.description.items() if k != "path"}
-    shards: list[object] = [[h.path.name, h.path.stat().st_size] for h in source.shards]
-    if source.description.get("kind") == "local":
-        described["path"] = source.description["path"]
-        shards = [[h.path.name, *_stamp(h.path)] for h in source.shards]
-    return {
-        "qconvert": __version__,
-        "source": {**described, "shards": shards},
-        "format": fmt,
-        "plan": plan_digest(plan),
-        "transformer_only": transformer_only,
-    }
-
-
-_WHAT = {
-    "source": "source (or its files changed)",
-    "format": "format",
-    "plan": "recipe or options",
-    "qconvert": "qconvert version",
-    "transformer_only": "--transformer-only setting",
-}
-
-
-def _resume_state(work: Path, fingerprint: dict[str, object], dst: Path) -> Progress:
-    state = Progress.load(work / PROGRESS) if work.exists() else None
-    if state is None:
-        return Progress(work / PROGRESS, fingerprint, {})
-    differs = [_WHAT[k] for k in fingerprint if state.fingerprint.get(k) != fingerprint[k]]
-    if differs:
-        raise OutputError(
-            f"--resume: {work} holds an interrupted run with a different {', '.join(differs)}; "
-            f"delete it or re-run the original command"
-        )
-    done = finished_shards(state, dst)
-    state.done = {k: v for k, v in state.done.items() if k in done}
-    log.warning("qconvert: resuming: %d finished shard(s) reused from %s", len(done), work)
-    return state
-
-
-def _check_space(where: Path, needed: int) -> None:
-    free = shutil.disk_usage(where).free
-    if needed > free:
-        raise OutputError(
-            f"{where}: not enough disk space: the output needs {human_size(needed)}, "
-            f"{human_size(free)} free; free space or write elsewhere with -o"
-        )
-
-
-def _write_index(plan: Plan, dst: Path, weight_map: dict[str, str]) -> None:
-    if len(plan.shards) == 1:
-        return
-    meta = {k: v for k, v in quantization_metadata(plan).items() if k != "format"}
-    index = {
-        "metadata": {"total_size": plan.output_bytes, **meta},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (dst / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _config_json(plan: Plan, source: Source) -> str:
-    """transformer/config.json: the source's config + the quantization_config diffusers reads."""
-    from diffusers import TorchAoConfig
-
-    kept = [layer.name for layer in plan.layers if not layer.quantized]
-    if plan.formats == [plan.fmt.name]:
-        quant_type = plan.fmt.config()  # what diffusers writes for a one-format model
-    else:
-        from torchao.quantization import FqnToConfig
-
-        quant_type = FqnToConfig(
-            {layer.name: FORMATS[layer.action].config() for layer in plan.layers if layer.quantized}
-        )
-    config = dict(source.config)
-    config["quantization_config"] = TorchAoConfig(quant_type, modules_to_not_convert=kept).to_dict()
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-
-def _copy_components(source: Source, dst: Path, transformer_only: bool) -> list[str]:
-    """Copy the base model's LICENSE files and, for a whole pipeline, model_index.json and the
-    other components, verbatim."""
-    copied = []
-    files = sorted(source.root.glob("LICENSE*"))
-    if not transformer_only:
-        files.append(source.root / "model_index.json")
-        for name in source.component_dirs():
-            files += sorted(p for p in (source.root / name).rglob("*") if p.is_file())
-    for path in files:
-        rel = path.relative_to(source.root)
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst / rel)
-        copied.append(rel.as_posix())
-    return copied
 
 
 def selection_for(
@@ -257,14 +125,15 @@ def recipe_for(family: str, source: Source) -> Recipe:
 def plan_for(
     source: Source,
     family: str,
-    fmt: str,
+    fmt: Format,
     selection: Selection,
     strict: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD,
 ) -> Plan:
-    """Make the plan and report patterns that match nothing (an error with ``strict``)."""
+    """Make the plan and report patterns that match nothing (an error with ``strict``).
+    A recipe file's own ``format`` overrides ``fmt`` as the default."""
     recipe = recipe_for(family, source)
-    default = get_format(selection.user.format if selection.user and selection.user.format else fmt)
+    default = get_format(selection.user.format) if selection.user and selection.user.format else fmt
     plan = make_plan(source, recipe, default, selection, max_shard_size)
     user_patterns = set(selection.patterns())
     for pattern in plan.unmatched:
@@ -287,11 +156,48 @@ def plan_for(
     return plan
 
 
+def plan_target(
+    target: str,
+    fmt: Format,
+    selection: Selection,
+    *,
+    source: str | None = None,
+    revision: str | None = None,
+    tiny: bool = False,
+    real_config: bool = False,
+    strict: bool = False,
+) -> Plan:
+    """The plan for ``target``: a family name (its default source, ``source``, its tiny build or
+    its real config with nothing downloaded) or a local folder / Hub repo id. Reads headers
+    only."""
+    known = families()
+    recipe = known.get(target)
+    if recipe is None and (source or tiny or real_config):
+        raise UsageError("--source, --tiny and --real-config need a family name")
+    if sum(map(bool, (source, tiny, real_config))) > 1:
+        raise UsageError("--source, --tiny and --real-config exclude each other")
+    family = target if recipe else "auto"
+    if real_config and recipe:
+        return plan_for(real_config_source(recipe), family, fmt, selection, strict)
+    if tiny and recipe:
+        with open_source(None, recipe, None, False) as src:
+            return plan_for(src, family, fmt, selection, strict)
+    where = source or (recipe.default_source if recipe else target)
+    if looks_like_repo_id(where):
+        return plan_for(remote_headers(where, revision), family, fmt, selection, strict)
+    if family == "auto" and not Path(where).exists():
+        raise SourceError(
+            f"{target!r} is neither a family ({', '.join(known)}) nor an existing path or repo id"
+        )
+    with open_source(where, recipe, revision, False) as src:
+        return plan_for(src, family, fmt, selection, strict)
+
+
 def convert(
     output: str | Path,
     *,
     family: str = "flux",
-    fmt: str = "nvfp4",
+    fmt: str | Format = "nvfp4",
     source: str | Path | None = None,
     revision: str | None = None,
     skips: tuple[str, ...] = (),
@@ -304,7 +210,6 @@ def convert(
     device: str = "auto",
     progress: bool = True,
     resume: bool = False,
-    fast: bool = True,
     command: str = "qconvert (python API)",
 ) -> Result:
     """Convert a diffusers pipeline's transformer; returns where it went and how.
@@ -313,84 +218,130 @@ def convert(
     recipe); ``source`` is a local folder, a Hub repo id, or None for the family's tiny build.
     """
     start = time.perf_counter()
-    show_bar = progress
-    get_format(fmt)
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     selection = selection_for(skips, only, recipe_file)
     if max_shard_size <= 0:
-        raise ValueError("--max-shard-size must be positive")
+        raise UsageError("--max-shard-size must be positive")
     if source is None and family == "auto":
         raise SourceError("give a source (a local folder or a Hub repo id)")
     output = Path(output)
     dev = resolve_device(device)
-    work = _work_dir(output, overwrite, resume)
-    tiny = families().get(family) if source is None else None
-    with open_source(source, tiny, revision, transformer_only) as src:
+    work = workdir.work_dir(output, overwrite, resume)
+    tiny_recipe = families().get(family) if source is None else None
+    with open_source(source, tiny_recipe, revision, transformer_only) as src:
         plan = plan_for(src, family, fmt, selection, strict, max_shard_size)
         only_transformer = transformer_only or src.transformer_only
-        dst = work if only_transformer else work / "transformer"
-        prefix = "" if only_transformer else "transformer/"
-        stamps = {h.path: _stamp(h.path) for h in src.shards}
-        progress = _resume_state(work, _fingerprint(plan, src, fmt, only_transformer), dst)
-        skip = set(progress.done)
-        names = shard_names(len(plan.shards))
-        remaining = sum(
-            i.out_bytes for n, s in zip(names, plan.shards, strict=True) if n not in skip for i in s
-        )
-        _check_space(output.parent, remaining)
-        try:
-            dst.mkdir(parents=True, exist_ok=True)
-            copied = _copy_components(src, work, only_transformer)
-            # The source's sha256 (for the manifest) is computed beside the conversion.
-            with ThreadPoolExecutor(1, thread_name_prefix="qconvert-hash") as hasher:
-                hashing = hasher.submit(manifest.source_table, src, copied)
-                weight_map = stream(plan, src, dst, dev, progress, show_bar, skip, fast)
-                source_files = hashing.result()
-            _write_index(plan, dst, weight_map)
-            (dst / "config.json").write_text(_config_json(plan, src))
-            for header in src.shards:
-                if _stamp(header.path) != stamps[header.path]:
-                    raise SourceError(f"{header.path}: changed during conversion; re-run")
-            (work / PROGRESS).unlink()
-            files = manifest.file_table(work, known=known_hashes(progress, prefix))
-            data = manifest.build(plan, src, command, source_files, files, only_transformer)
-            (work / manifest.MANIFEST).write_text(manifest.dumps(data))
-            from qconvert.cards import write_card  # cards reads convert's manifest module
-
-            write_card(work)  # README.md, rendered from the manifest
-            _replace(work, output)
-        except BaseException as e:
-            kept = bool(progress.done) and work.exists()
-            if not kept:
-                shutil.rmtree(work, ignore_errors=True)
-            hint = (
-                f"{len(progress.done)} finished shard(s) kept in {work}; re-run with --resume"
-                if kept
-                else "nothing was written"
-            )
-            if isinstance(e, KeyboardInterrupt):
-                raise Interrupted(f"interrupted; {hint}") from None
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise OutputError(
-                    f"{e.filename or work}: disk full ({human_size(remaining)} needed for the "
-                    f"rest); free space, then {hint if kept else 're-run'}"
-                ) from None
-            raise
+        job = _Job(plan, src, work, only_transformer, dev, progress, command)
+        data = job.run()
+        workdir.replace(work, output)
     seconds = time.perf_counter() - start
     log.info("converted %s in %.1f s", output, seconds)
     return Result(output, plan, seconds, data)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+class _Job:
+    """One conversion into a work directory: stream the shards, then finish the folder."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        src: Source,
+        work: Path,
+        transformer_only: bool,
+        device: torch.device,
+        show_bar: bool,
+        command: str,
+    ) -> None:
+        self.plan, self.src, self.work, self.device = plan, src, work, device
+        self.transformer_only, self.show_bar, self.command = transformer_only, show_bar, command
+        self.dst = work if transformer_only else work / "transformer"
+        self.stamps = {h.path: workdir.stamp(h.path) for h in src.shards}
+        fingerprint = workdir.fingerprint(plan, src, plan.fmt.name, transformer_only)
+        self.progress: Progress = workdir.resume_state(work, fingerprint, self.dst)
+        names = shard_names(len(plan.shards))
+        self.remaining = sum(
+            i.out_bytes
+            for n, s in zip(names, plan.shards, strict=True)
+            if n not in self.progress.done
+            for i in s
+        )
+        workdir.check_space(work.parent, self.remaining)
+
+    def run(self) -> dict[str, object]:
+        try:
+            self.dst.mkdir(parents=True, exist_ok=True)
+            copied = _copy_components(self.src, self.work, self.transformer_only)
+            # The source's sha256 (for the manifest) is computed beside the conversion.
+            with ThreadPoolExecutor(1, thread_name_prefix="qconvert-hash") as hasher:
+                hashing = hasher.submit(record.source_table, self.src, copied)
+                weight_map = stream(
+                    self.plan,
+                    self.src,
+                    self.dst,
+                    self.device,
+                    self.progress,
+                    self.show_bar,
+                    set(self.progress.done),
+                )
+                source_files = hashing.result()
+            return self._finish(weight_map, source_files)
+        except BaseException as e:
+            error = self._failed(e)
+            if error is e:
+                raise
+            raise error from None
+
+    def _finish(
+        self, weight_map: dict[str, str], source_files: list[dict[str, object]]
+    ) -> dict[str, object]:
+        plan, src, work = self.plan, self.src, self.work
+        record.write_index(plan, self.dst, weight_map)
+        (self.dst / "config.json").write_text(record.config_json(plan, src))
+        for header in src.shards:
+            if workdir.stamp(header.path) != self.stamps[header.path]:
+                raise SourceError(f"{header.path}: changed during conversion; re-run")
+        (work / PROGRESS).unlink()
+        prefix = "" if self.transformer_only else "transformer/"
+        files = manifest.file_table(work, known=known_hashes(self.progress, prefix))
+        data = record.manifest(plan, src, self.command, source_files, files, self.transformer_only)
+        (work / manifest.MANIFEST).write_text(manifest.dumps(data))
+        from qconvert.cards import write_card
+
+        write_card(work)  # README.md, rendered from the manifest
+        return data
+
+    def _failed(self, e: BaseException) -> BaseException:
+        """Clean up after a failure; the error to raise (user-facing ones say what was kept)."""
+        kept = bool(self.progress.done) and self.work.exists()
+        if not kept:
+            shutil.rmtree(self.work, ignore_errors=True)
+        hint = (
+            f"{len(self.progress.done)} finished shard(s) kept in {self.work}; re-run with --resume"
+            if kept
+            else "nothing was written"
+        )
+        if isinstance(e, KeyboardInterrupt):
+            return Interrupted(f"interrupted; {hint}")
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return OutputError(
+                f"{e.filename or self.work}: disk full ({human_size(self.remaining)} needed for "
+                f"the rest); free space, then {hint if kept else 're-run'}"
+            )
+        return e
 
 
-def _replace(work: Path, output: Path) -> None:
-    if output.exists():
-        old = output.parent / f".{output.name}.qconvert-old"
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-        work.rename(output)
-        shutil.rmtree(old)
-    else:
-        work.rename(output)
+def _copy_components(source: Source, dst: Path, transformer_only: bool) -> list[str]:
+    """Copy the base model's LICENSE files and, for a whole pipeline, model_index.json and the
+    other components, verbatim."""
+    copied = []
+    files = sorted(source.root.glob("LICENSE*"))
+    if not transformer_only:
+        files.append(source.root / "model_index.json")
+        for name in source.component_dirs():
+            files += sorted(p for p in (source.root / name).rglob("*") if p.is_file())
+    for path in files:
+        rel = path.relative_to(source.root)
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst / rel)
+        copied.append(rel.as_posix())
+    return copied

@@ -14,10 +14,11 @@ import torch
 from qconvert.convert.recipes import KEEP, Recipe, UserRecipe, matches, recipe_for_class
 from qconvert.convert.safetensors_io import Header, TensorInfo
 from qconvert.convert.source import Source, SourceError
+from qconvert.errors import QconvertError
 from qconvert.formats import FORMATS, Format
 
 
-class PlanError(ValueError):
+class PlanError(QconvertError, ValueError):
     """A plan that cannot be made (wrong family, weights that do not fit the model)."""
 
 

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qconvert.errors import QconvertError
 from qconvert.formats import FORMATS
 
 # Layers with in or out features below this stay in bf16 (the seed's size rule: the GEMMs are
@@ -27,7 +28,7 @@ MIN_FEATURES = 1024
 KEEP = "keep"
 
 
-class RecipeError(ValueError):
+class RecipeError(QconvertError, ValueError):
     """A recipe file or pattern that cannot be used; the message names the file and place."""
 
 
@@ -48,7 +49,7 @@ class Recipe:
     pipeline_tag: str
     skip: tuple[Rule, ...]
     min_features: int = MIN_FEATURES
-    tiny_module: str = ""
+    tiny: str = ""  # family name of the embedded tiny build (qconvert.tiny), "" for none
     only_repeated_blocks: bool = False
     real_config: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -94,7 +95,7 @@ def _family(data: dict[str, Any]) -> Recipe:
         pipeline_tag=data["pipeline_tag"],
         skip=tuple(Rule(r["pattern"], r["reason"]) for r in data.get("skip", [])),
         min_features=int(data.get("min_features", MIN_FEATURES)),
-        tiny_module=data.get("tiny", ""),
+        tiny=data.get("tiny", ""),
         only_repeated_blocks=bool(data.get("only_repeated_blocks", False)),
         real_config=dict(data.get("real_config", {})),
         notes=tuple(data.get("notes", ())),

@@ -20,6 +20,8 @@ from typing import BinaryIO
 
 import torch
 
+from qconvert.errors import QconvertError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -39,7 +41,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(QconvertError, ValueError):
     """A safetensors file that cannot be read; the message names the file (and key)."""
 
 

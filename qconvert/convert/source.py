@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconvert.convert.safetensors_io import Header, read_header
+from qconvert.errors import QconvertError
 
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class SourceError(ValueError):
+class SourceError(QconvertError, ValueError):
     """A source that cannot be converted; the message says what is wrong and what to do."""
 
 
@@ -49,14 +49,6 @@ class Source:
 
 def looks_like_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text)) and not Path(text).exists()
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, object]:

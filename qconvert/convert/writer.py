@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from qconvert.convert.plan import Item, Plan
 from qconvert.convert.safetensors_io import ShardWriter, Spec, read_tensor
-from qconvert.convert.source import WEIGHTS_FILE, Source, sha256_file
+from qconvert.convert.source import WEIGHTS_FILE, Source
+from qconvert.manifest import sha256_file
 
 PROGRESS = "progress.json"
 TENSOR_META = json.dumps({"_type": torch.Tensor.__name__})
@@ -99,15 +100,13 @@ def finished_shards(progress: Progress, dst: Path) -> set[str]:
     return ok
 
 
-def _quantize(
-    item: Item, tensor: torch.Tensor, device: torch.device, fast: bool = True
-) -> dict[str, torch.Tensor]:
+def _quantize(item: Item, tensor: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     if item.fmt is None:
         return {item.info.name: tensor}
     weight = tensor.to(device=device, dtype=torch.bfloat16)
-    quantized = item.fmt.quantize(weight, name=item.info.name.removesuffix(".weight"), fast=fast)
+    quantized = item.fmt.quantize(weight, name=item.info.name.removesuffix(".weight"))
     flat, meta = flatten_tensor_state_dict({item.info.name: quantized})
     if meta[item.info.name] != item.fmt.tensor_metadata(item.info.shape):
         raise RuntimeError(f"{item.info.name}: torchao metadata differs from the format's; bug")
@@ -122,7 +121,6 @@ def stream(
     progress: Progress,
     show_bar: bool,
     skip: set[str] = frozenset(),
-    fast: bool = True,
 ) -> dict[str, str]:  # type: ignore[assignment]
     """Write every shard not in ``skip``; returns {output tensor name: shard file name}."""
     names = shard_names(len(plan.shards))
@@ -182,7 +180,7 @@ def stream(
                 tensor = next_read.result()
                 if index + 1 < len(work):
                     next_read = reader.submit(read, work[index + 1][2])
-                tensors = _quantize(item, tensor, device, fast)
+                tensors = _quantize(item, tensor, device)
                 del tensor
                 last = item is shard[-1]
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qconvert import manifest as mf
 from qconvert.cards import CARD, EXTRA_FILES, CardError, default_repo_name, write_card
-from qconvert.convert import manifest as mf
+from qconvert.errors import QconvertError
 
 log = logging.getLogger("qconvert")
 LOGIN_HINT = "run `hf auth login` with a write token, set HF_TOKEN, or pass --token"
@@ -34,7 +35,7 @@ _OWNED_SUFFIXES = (".safetensors", ".safetensors.index.json")
 _OWNED_ROOT_FILES = ("model_index.json", "config.json", *EXTRA_FILES)
 
 
-class PushError(Exception):
+class PushError(QconvertError):
     """A push that cannot be done or did not complete; the message says what to do."""
 
 
@@ -186,7 +187,6 @@ def check_namespace(account: Account, repo_id: str) -> None:
 def check_output(root: Path) -> dict[str, Any]:
     """The manifest of a qconvert output whose files all match it; PushError naming the first
     file that is missing, changed, or not part of the output."""
-    from qconvert.inspect import verify_files
 
     if not root.is_dir():
         raise PushError(f"{root}: no such directory")
@@ -202,7 +202,7 @@ def check_output(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("tool") != "qconvert":
         raise PushError(f"{root / mf.MANIFEST}: not a qconvert manifest; re-convert")
     try:
-        verify_files(root, manifest)
+        mf.verify(root, manifest)
     except ValueError as e:
         raise PushError(f"{e}; refusing to push: re-convert, or restore the file") from None
     except (KeyError, TypeError) as e:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qconvert.convert.tiny_common import init_linears
+from qconvert.tiny.common import init_linears
 
 if TYPE_CHECKING:
     from diffusers import QwenImagePipeline

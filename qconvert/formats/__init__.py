@@ -9,122 +9,28 @@ any device. ``tests/test_formats.py`` proves bit-equality against the real handl
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torchao.core.config import AOBaseConfig
-from torchao.prototype.mx_formats.inference_workflow import (
-    MXDynamicActivationMXWeightConfig,
-    NVFP4DynamicActivationNVFP4WeightConfig,
-)
-from torchao.prototype.mx_formats.mx_tensor import MXTensor, QuantizeTensorToMXKwargs
-from torchao.prototype.mx_formats.nvfp4_tensor import (
-    NVFP4Tensor,
-    QuantizeTensorToNVFP4Kwargs,
-    per_tensor_amax_to_scale,
-)
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-from torchao.quantization.quantize_.workflows.float8.float8_tensor import (
-    Float8Tensor,
-    QuantizeTensorToFloat8Kwargs,
+
+from qconvert.errors import QconvertError
+from qconvert.formats import fastquant
+from qconvert.formats.reference import (
+    fp8_config,
+    mxfp8_config,
+    nvfp4_config,
+    quantize_fp8,
+    quantize_mxfp8,
+    quantize_nvfp4,
 )
 
 
-class FormatError(ValueError):
+class FormatError(QconvertError, ValueError):
     """A weight that a format cannot represent (bad shape, dtype or values)."""
-
-
-def nvfp4_config() -> NVFP4DynamicActivationNVFP4WeightConfig:
-    return NVFP4DynamicActivationNVFP4WeightConfig(
-        use_dynamic_per_tensor_scale=True, use_triton_kernel=True
-    )
-
-
-def mxfp8_config() -> MXDynamicActivationMXWeightConfig:
-    return MXDynamicActivationMXWeightConfig()
-
-
-def nvfp4_act_quant_kwargs() -> QuantizeTensorToNVFP4Kwargs:
-    """The activation settings torchao's NVFP4 handler stores in each weight."""
-    config = nvfp4_config()
-    return QuantizeTensorToNVFP4Kwargs(
-        use_dynamic_per_tensor_scale=config.use_dynamic_per_tensor_scale,
-        use_triton_kernel=config.use_triton_kernel,
-        is_swizzled_scales=True,
-    )
-
-
-def mxfp8_act_quant_kwargs() -> QuantizeTensorToMXKwargs:
-    """The activation settings torchao's MX handler stores in each weight."""
-    config = mxfp8_config()
-    return QuantizeTensorToMXKwargs(
-        elem_dtype=config.activation_dtype,
-        block_size=config.block_size,
-        kernel_preference=config.kernel_preference,
-        is_swizzled_scales=True,
-        scaling_mode=config.scaling_mode,
-    )
-
-
-def _quantize_nvfp4(weight: torch.Tensor) -> NVFP4Tensor:
-    # The dynamic branch of torchao's _nvfp4_inference_linear_transform, minus its sm100 assert.
-    config = nvfp4_config()
-    per_tensor_scale = per_tensor_amax_to_scale(torch.max(torch.abs(weight)))
-    act_quant_kwargs = nvfp4_act_quant_kwargs()
-    quantized = NVFP4Tensor.to_nvfp4(
-        weight,
-        per_tensor_scale=per_tensor_scale,
-        is_swizzled_scales=True,
-        use_triton_kernel=False,
-        act_quant_kwargs=act_quant_kwargs,
-    )
-    quantized.use_triton_kernel = config.use_triton_kernel
-    return quantized
-
-
-def _quantize_mxfp8(weight: torch.Tensor) -> MXTensor:
-    # torchao's _mx_inference_linear_transform (it has no hardware assert; MX wants bf16).
-    config = mxfp8_config()
-    act_quant_kwargs = mxfp8_act_quant_kwargs()
-    return MXTensor.to_mx(
-        weight,
-        config.weight_dtype,
-        block_size=config.block_size,
-        kernel_preference=config.kernel_preference,
-        act_quant_kwargs=act_quant_kwargs,
-        is_swizzled_scales=True,
-        scaling_mode=config.scaling_mode,
-    )
-
-
-def fp8_config() -> Float8DynamicActivationFloat8WeightConfig:
-    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-
-
-def _quantize_fp8(weight: torch.Tensor) -> Float8Tensor:
-    # The PLAIN / PerRow branch of torchao's _float8_dynamic_activation_float8_weight_quantize_
-    # tensor, minus its hardware check (CUDA sm89+), which is all that stops it on a CPU.
-    config = fp8_config()
-    activation_granularity, weight_granularity = config.granularity
-    act_quant_kwargs = QuantizeTensorToFloat8Kwargs(
-        config.activation_dtype,
-        activation_granularity,
-        hp_value_lb=config.activation_value_lb,
-        hp_value_ub=config.activation_value_ub,
-        kernel_preference=config.kernel_preference,
-    )
-    return Float8Tensor.from_hp(
-        weight,
-        float8_dtype=config.weight_dtype,
-        granularity=weight_granularity,
-        mm_config=config.mm_config,
-        kernel_preference=config.kernel_preference,
-        act_quant_kwargs=act_quant_kwargs,
-    )
 
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
@@ -206,7 +112,7 @@ class Format:
                 f"{name}: {bad} NaN/Inf value(s) in the weight; fix the source checkpoint "
                 f"or keep this layer with --skip"
             )
-        builder = _fast_builders().get(self.name) if fast and weight.device.type == "cpu" else None
+        builder = FAST_CPU_BUILDERS.get(self.name) if fast and weight.device.type == "cpu" else None
         quantized = (builder or self.build)(weight)
         if not scales_are_finite(quantized):
             raise FormatError(
@@ -247,7 +153,7 @@ FORMATS: dict[str, Format] = {
         multiple_of=(16, 16),
         bits_per_element=4.5,
         config=nvfp4_config,
-        build=_quantize_nvfp4,
+        build=quantize_nvfp4,
         pieces=_blocked_pieces(torch.uint8, 4, torch.float8_e4m3fn, 16, per_tensor=True),
     ),
     "mxfp8": Format(
@@ -257,7 +163,7 @@ FORMATS: dict[str, Format] = {
         multiple_of=(1, 32),
         bits_per_element=8.25,
         config=mxfp8_config,
-        build=_quantize_mxfp8,
+        build=quantize_mxfp8,
         pieces=_blocked_pieces(torch.float8_e4m3fn, 8, torch.float8_e8m0fnu, 32, per_tensor=False),
     ),
     "fp8": Format(
@@ -267,7 +173,7 @@ FORMATS: dict[str, Format] = {
         multiple_of=(16, 16),
         bits_per_element=8.0,
         config=fp8_config,
-        build=_quantize_fp8,
+        build=quantize_fp8,
         pieces=_rowwise_pieces,
     ),
 }
@@ -300,12 +206,11 @@ def scales_are_finite(quantized: torch.Tensor) -> bool:
     return per_tensor is None or bool(torch.isfinite(per_tensor).all())
 
 
-@functools.cache
-def _fast_builders() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """qconvert's vectorized CPU quantizers (qconvert/convert/fastquant.py), by format."""
-    from qconvert.convert import fastquant
-
-    return {"nvfp4": fastquant.quantize_nvfp4, "mxfp8": fastquant.quantize_mxfp8}
+# qconvert's vectorized CPU quantizers (same bytes as the reference, tested), by format.
+FAST_CPU_BUILDERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "nvfp4": fastquant.quantize_nvfp4,
+    "mxfp8": fastquant.quantize_mxfp8,
+}
 
 
 _METADATA_CACHE: dict[tuple[str, int], str] = {}

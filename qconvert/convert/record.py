@@ -1,53 +1,45 @@
-"""``qconvert.json``: what was converted, from what, how, with which versions, and every file's
-hash. Written with sorted keys and no timestamps, so the same inputs give the same bytes."""
+"""What a conversion records beside its weights: transformer/config.json with the
+quantization_config diffusers reads, the shard index, and the manifest's content."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
 from qconvert.convert.plan import Plan
-from qconvert.convert.source import Source, sha256_file
-
-MANIFEST = "qconvert.json"
-SCHEMA = 1
-PACKAGES = (
-    "qconvert",
-    "torch",
-    "torchao",
-    "diffusers",
-    "transformers",
-    "safetensors",
-    "huggingface_hub",
-)
+from qconvert.convert.source import WEIGHTS_INDEX, Source
+from qconvert.convert.writer import quantization_metadata
+from qconvert.formats import FORMATS
+from qconvert.manifest import SCHEMA, sha256_file, versions
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+def write_index(plan: Plan, dst: Path, weight_map: dict[str, str]) -> None:
+    if len(plan.shards) == 1:
+        return
+    meta = {k: v for k, v in quantization_metadata(plan).items() if k != "format"}
+    index = {
+        "metadata": {"total_size": plan.output_bytes, **meta},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (dst / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def file_table(
-    root: Path,
-    exclude: tuple[str, ...] = (MANIFEST, "README.md"),  # the card: it lists these hashes
-    known: dict[str, str] | None = None,
-) -> list[dict[str, object]]:
-    """Every file under ``root`` with size and sha256 (``known`` hashes are not recomputed)."""
-    known = known or {}
-    rows = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel in exclude:
-            continue
-        digest = known.get(rel) or sha256_file(path)
-        rows.append({"path": rel, "size": path.stat().st_size, "sha256": digest})
-    return rows
+def config_json(plan: Plan, source: Source) -> str:
+    """transformer/config.json: the source's config + the quantization_config diffusers reads."""
+    from diffusers import TorchAoConfig
+
+    kept = [layer.name for layer in plan.layers if not layer.quantized]
+    if plan.formats == [plan.fmt.name]:
+        quant_type = plan.fmt.config()  # what diffusers writes for a one-format model
+    else:
+        from torchao.quantization import FqnToConfig
+
+        quant_type = FqnToConfig(
+            {layer.name: FORMATS[layer.action].config() for layer in plan.layers if layer.quantized}
+        )
+    config = dict(source.config)
+    config["quantization_config"] = TorchAoConfig(quant_type, modules_to_not_convert=kept).to_dict()
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def source_table(source: Source, copied: list[str]) -> list[dict[str, object]]:
@@ -68,7 +60,7 @@ def source_table(source: Source, copied: list[str]) -> list[dict[str, object]]:
     return rows
 
 
-def build(
+def manifest(
     plan: Plan,
     source: Source,
     command: str,
@@ -130,12 +122,3 @@ def build(
     }
 
 
-def dumps(manifest: dict[str, object]) -> str:
-    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-
-
-def load(root: Path) -> dict[str, object]:
-    path = root / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{root}: no {MANIFEST}; not a qconvert output")
-    return json.loads(path.read_text(encoding="utf-8"))

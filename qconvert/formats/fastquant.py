@@ -41,13 +41,17 @@ from torchao.prototype.mx_formats.nvfp4_tensor import (
     per_tensor_amax_to_scale,
 )
 
-from qconvert.formats import (
-    _quantize_mxfp8,
-    _quantize_nvfp4,
+from qconvert.formats.reference import (
     mxfp8_act_quant_kwargs,
     mxfp8_config,
     nvfp4_act_quant_kwargs,
     nvfp4_config,
+)
+from qconvert.formats.reference import (
+    quantize_mxfp8 as _quantize_mxfp8,
+)
+from qconvert.formats.reference import (
+    quantize_nvfp4 as _quantize_nvfp4,
 )
 
 NVFP4_BLOCK = 16

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-
-from qconvert.convert.safetensors_io import write_file
+from safetensors.torch import save_file
 
 
 def write_flux_source(
@@ -18,21 +17,17 @@ def write_flux_source(
     width_heads: int = 8,
     shard_bytes: int = 200 * 10**6,
     seed: int = 0,
-    real_width: bool = False,
+    real_config: dict[str, object] | None = None,
     device: str = "cpu",
 ) -> int:
     """A diffusers pipeline folder whose FluxTransformer2DModel has the given depth (the tiny
-    1024-wide config, or FLUX.1-dev's real config with ``real_width``); returns its bytes."""
+    1024-wide config, or ``real_config``, e.g. the flux recipe's FLUX.1-dev config); returns
+    its bytes."""
     from diffusers import FluxTransformer2DModel
 
-    from qconvert.convert.recipes import families
-    from qconvert.convert.tiny_flux import TRANSFORMER
+    from qconvert.tiny.flux import TRANSFORMER
 
-    base = (
-        families()["flux"].real_config
-        if real_width
-        else {**TRANSFORMER, "num_attention_heads": width_heads}
-    )
+    base = real_config or {**TRANSFORMER, "num_attention_heads": width_heads}
     config = {**base, "num_layers": num_layers, "num_single_layers": num_single_layers}
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config)
@@ -70,7 +65,7 @@ def write_flux_source(
 
 
 def _flush(tdir: Path, i: int, tensors: dict[str, torch.Tensor]) -> list[str]:
-    write_file(tdir / f"part{i}", tensors, {"format": "pt"})
+    save_file(tensors, tdir / f"part{i}", {"format": "pt"})
     names = list(tensors)
     tensors.clear()
     return names
