@@ -148,7 +148,7 @@ def test_card_of_every_format_has_every_section(
     as_saved = text.split("Plain diffusers runs the weights as saved on ", 1)[1].split(";")[0]
     assert rows and "native" in {path.name for _, path in rows}
     for cls, path in rows:
-        label = cards.DEVICE_LABELS.get(cls, cls)
+        label = runtime.DEVICE_LABELS.get(cls, cls)
         assert f"| {label} | {path.name} | {path.description} | {runtime.WHY[cls]} |" in text
         assert (label.split(" (")[0] in as_saved) == (path.name == "native"), (label, as_saved)
 

@@ -35,7 +35,7 @@ import os
 import torch
 from torch import nn
 
-from qconvert.loaders.hopper import HAS_TRITON, tl, traceable_op, triton
+from qconvert.loaders.triton_support import HAS_TRITON, tl, traceable_op, triton
 
 _log = logging.getLogger(__name__)
 

@@ -38,26 +38,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchao.prototype.mx_formats.utils import from_blocked
 
-try:  # Triton is optional: CPU-only installs have none.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
-    HAS_TRITON = False
+from qconvert.loaders.triton_support import HAS_TRITON, tl, traceable_op, triton
+from qconvert.loaders.triton_support import interpret as _interpret
 
 _log = logging.getLogger(__name__)
 
 NVFP4 = "nvfp4"
 MXFP8 = "mxfp8"
 BLOCK_SIZES = {NVFP4: 16, MXFP8: 32}
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,14 +58,9 @@ def _interpret() -> bool:
 def unswizzle_scales(blocked: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Inverse of torchao's ``to_blocked``: 128x4-blocked scales -> row-major ``[rows, cols]``.
 
-    ``to_blocked`` pads to ``[ceil(rows/128)*128, ceil(cols/4)*4]``, cuts that into 128x4 tiles
-    (row-block major) and stores each tile as 32x16 where tile row ``r = r_hi*32 + r_lo`` and
-    column ``c`` land at ``[r_lo, r_hi*4 + c]``.
+    torchao's own ``from_blocked``, made contiguous (the kernels read rows).
     """
-    n_rb, n_cb = -(-rows // 128), -(-cols // 4)
-    t = blocked.reshape(n_rb, n_cb, 32, 4, 4)  # (rb, cb, r_lo, r_hi, c)
-    t = t.permute(0, 3, 2, 1, 4)  # (rb, r_hi, r_lo, cb, c)
-    return t.reshape(n_rb * 128, n_cb * 4)[:rows, :cols].contiguous()
+    return from_blocked(blocked.contiguous(), rows, cols).contiguous()
 
 
 @dataclass
@@ -908,20 +893,6 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.device.type == "cuda"
 
 
-def traceable_op(name: str, fn: Any) -> Any:
-    """Register ``fn`` as a functional op that torch.compile traces into.
-
-    With Triton: a ``torch.library.triton_op`` (inductor launches its kernels from generated
-    code, no Python call per step). Without: a custom op whose fake implementation is ``fn``
-    itself, which must then take non-CUDA tensors through plain torch code.
-    """
-    if HAS_TRITON:
-        return torch.library.triton_op(name, mutates_args=())(fn)
-    op = torch.library.custom_op(name, mutates_args=())(fn)
-    op.register_fake(fn)
-    return op
-
-
 def _is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
@@ -1091,21 +1062,6 @@ class HopperQuantLinear(nn.Module):
         else:
             y = torch.ops.qconvert.hopper_linear.default(*args)
         return y.reshape(*lead, self.out_features)
-
-
-def replace_quantized_linears(module: nn.Module, impl: str = "auto") -> int:
-    """Swap every ``nn.Linear`` with an NVFP4 / MXFP8 weight for a ``HopperQuantLinear``.
-
-    Returns how many were replaced.
-    """
-    count = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and (_is_nvfp4(child.weight) or _is_mx(child.weight)):
-            setattr(module, name, HopperQuantLinear.from_linear(child, impl=impl))
-            count += 1
-        else:
-            count += replace_quantized_linears(child, impl=impl)
-    return count
 
 
 def weight_bytes(fmt: str, n: int, k: int) -> int:

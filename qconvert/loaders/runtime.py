@@ -123,6 +123,15 @@ WHY = {
     "gpu": "this GPU is older than sm80: no kernels of ours run on it",
     "cpu": "CPU has no FP8/NVFP4/MXFP8 kernels",
 }
+# Names of the device classes (device_class) for people: cards, logs.
+DEVICE_LABELS = {
+    "sm100": "NVIDIA Blackwell (compute capability 10.0+)",
+    "sm89": "NVIDIA Ada / Hopper (compute capability 8.9, 9.x)",
+    "sm80": "NVIDIA Ampere (compute capability 8.0–8.7)",
+    "gpu": "older CUDA GPUs (before sm80)",
+    "cpu": "CPU",
+}
+NATIVE_PATH = NATIVE.name  # the path on which weights run as saved
 
 
 def device_class(device: torch.device) -> str:

@@ -1,0 +1,63 @@
+"""Measurement files beside a manifest, rendered as card tables.
+
+Measurements are never invented: the quality and speed sections appear only when a measurement
+file exists. Both files share one schema::
+
+    {
+      "setup": "FLUX.1-dev 1024x1024, 28 steps, guidance 3.5, 8 prompts x 2 seeds",  # required
+      "device": "NVIDIA B200",                         # optional
+      "reference": "bf16 pipeline, same prompts and seeds",  # optional
+      "command": "python bench.py --format nvfp4",     # optional: how to reproduce it
+      "rows": [                                        # required: one table row per object
+        {"metric": "LPIPS (alex) vs bf16", "value": 0.071, "note": "lower is better"}
+      ]
+    }
+
+Row values are strings, numbers, booleans or null; the table's columns are the rows' keys in
+first-seen order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qconvert.cards.base import CardError, _cell, _value
+
+QUALITY = "quality.json"
+SPEED = "speed.json"
+
+
+def read_measurement(root: Path, name: str) -> dict[str, Any] | None:
+    """``quality.json`` / ``speed.json`` checked against the schema above; None when absent."""
+    path = root / name
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CardError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("setup"), str):
+        raise CardError(f'{path}: expected an object with a "setup" string and "rows"')
+    rows = data.get("rows")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise CardError(f'{path}: "rows" must be a non-empty list of objects')
+    for i, row in enumerate(rows, start=1):
+        for key, value in row.items():
+            if not isinstance(value, str | int | float | bool | type(None)):
+                raise CardError(f"{path}: row {i}, {key!r}: values must be scalars")
+    for key in ("device", "reference", "command"):
+        if key in data and not isinstance(data[key], str):
+            raise CardError(f'{path}: "{key}" must be a string')
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    return {
+        "setup": data["setup"],
+        "device": data.get("device"),
+        "reference": data.get("reference"),
+        "command": data.get("command"),
+        "columns": [_cell(c) for c in columns],
+        "rows": [[_cell(_value(row.get(c))) for c in columns] for row in rows],
+    }
