@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from qconvert.convert.safetensors_io import (
     DTYPES,
     SafetensorsError,
+    open_reader,
     read_header,
     read_tensor,
     write_file,
@@ -49,7 +50,7 @@ def test_we_read_what_safetensors_writes(tmp_path: Path) -> None:
     save_file(tensors, tmp_path / "b.safetensors", metadata={"format": "pt"})
     header = read_header(tmp_path / "b.safetensors")
     assert header.metadata == {"format": "pt"}
-    with (tmp_path / "b.safetensors").open("rb") as f:
+    with open_reader(tmp_path / "b.safetensors") as f:
         for name, t in tensors.items():
             got = read_tensor(header.tensors[name], f)
             assert torch.equal(

@@ -19,13 +19,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from qconvert.convert.plan import Item, Plan
-from qconvert.convert.safetensors_io import ShardWriter, Spec, read_tensor
+from qconvert.convert.safetensors_io import ShardWriter, Spec, open_reader, read_tensor
 from qconvert.convert.source import WEIGHTS_FILE, Source
 from qconvert.manifest import sha256_file
 
@@ -136,8 +136,8 @@ def stream(
     ]
     total = sum(i.info.nbytes for _, shard in todo for i in shard)
     with ExitStack() as stack:
-        handles: dict[Path, BinaryIO] = {
-            h.path: stack.enter_context(h.path.open("rb")) for h in source.shards
+        handles: dict[Path, Any] = {
+            h.path: stack.enter_context(open_reader(h.path)) for h in source.shards
         }
         bar = stack.enter_context(
             tqdm(
