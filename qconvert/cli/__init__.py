@@ -1,7 +1,7 @@
 """The ``qconvert`` command line: Click only, a thin layer over the Python API.
 
 One module per command group (``convert``: the family commands, ``model``, ``plan``,
-``inspect``; ``hub``: ``push``, ``card``); ``common`` holds the error handler and the option
+``inspect``; ``hub``: ``push``, ``card``; ``build``: ``build``); ``common`` holds the error handler and the option
 groups they share.
 """
 
@@ -36,9 +36,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from qconvert.cli import convert, hub
+    from qconvert.cli import build, convert, hub
 
-    for module in (convert, hub):
+    for module in (convert, hub, build):
         for command in module.commands():
             main.add_command(command)
 

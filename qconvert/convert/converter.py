@@ -49,7 +49,15 @@ from qconvert.sizes import human_size
 
 log = logging.getLogger("qconvert")
 DEFAULT_MAX_SHARD = 5 * 10**9
-__all__ = ["DEFAULT_MAX_SHARD", "Interrupted", "OutputError", "Result", "convert", "plan_target"]
+__all__ = [
+    "DEFAULT_MAX_SHARD",
+    "Interrupted",
+    "OutputError",
+    "Result",
+    "component_files",
+    "convert",
+    "plan_target",
+]
 
 
 @dataclass
@@ -330,18 +338,22 @@ class _Job:
         return e
 
 
-def _copy_components(source: Source, dst: Path, transformer_only: bool) -> list[str]:
-    """Copy the base model's LICENSE files and, for a whole pipeline, model_index.json and the
-    other components, verbatim."""
-    copied = []
+def component_files(source: Source, transformer_only: bool) -> list[str]:
+    """The files copied verbatim into the output (relative to the source root): the base
+    model's LICENSE files and, for a whole pipeline, model_index.json and the other components.
+    With the transformer's shards and config, these are the source files the manifest hashes."""
     files = sorted(source.root.glob("LICENSE*"))
     if not transformer_only:
         files.append(source.root / "model_index.json")
         for name in source.component_dirs():
             files += sorted(p for p in (source.root / name).rglob("*") if p.is_file())
-    for path in files:
-        rel = path.relative_to(source.root)
+    return [path.relative_to(source.root).as_posix() for path in files]
+
+
+def _copy_components(source: Source, dst: Path, transformer_only: bool) -> list[str]:
+    """Copy ``component_files`` verbatim; returns them."""
+    copied = component_files(source, transformer_only)
+    for rel in copied:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst / rel)
-        copied.append(rel.as_posix())
+        shutil.copyfile(source.root / rel, dst / rel)
     return copied
