@@ -73,8 +73,13 @@ def test_list_expands_targets_with_stable_names_and_a_matrix(tmp_path: Path) -> 
     assert text.exit_code == 0
     rows = text.stdout.splitlines()
     assert rows[0].split() == ["target", "family", "format", "source", "repo"]
-    assert rows[3].split() == ["tiny-qwenimage-nvfp4", "qwenimage", "nvfp4", "tiny",
-                               "bob/qwen-qwenimage-nvfp4"]
+    assert rows[3].split() == [
+        "tiny-qwenimage-nvfp4",
+        "qwenimage",
+        "nvfp4",
+        "tiny",
+        "bob/qwen-qwenimage-nvfp4",
+    ]
     assert invoke(str(spec), "--list", "--json").stdout == result.stdout  # stable
 
 
@@ -99,8 +104,12 @@ def test_the_shipped_example_lists() -> None:
     assert result.exit_code == 0, result.output
     targets = json.loads(result.stdout)["targets"]
     assert [t["name"] for t in targets] == [
-        "FLUX.1-dev-nvfp4", "FLUX.1-dev-mxfp8", "FLUX.1-dev-fp8",
-        "Qwen-Image-nvfp4", "LTX-2-nvfp4", "LTX-2-fp8",
+        "FLUX.1-dev-nvfp4",
+        "FLUX.1-dev-mxfp8",
+        "FLUX.1-dev-fp8",
+        "Qwen-Image-nvfp4",
+        "LTX-2-nvfp4",
+        "LTX-2-fp8",
     ]
     assert targets[0]["repo"] == "my-org/FLUX.1-dev-nvfp4" and targets[0]["source_kind"] == "hub"
     assert targets[3]["eval"] == {"prompts": "drawbench", "num-prompts": 32}
@@ -189,7 +198,9 @@ def test_a_bad_spec_is_one_line_naming_target_and_key_exit_2(
         assert result.stdout == ""
         lines = result.stderr.splitlines()
         assert len(lines) == 1, lines
-        assert lines[0].startswith(f"Error: {spec}: " + expected.replace("{dir}", str(tmp_path))), lines[0]
+        assert lines[0].startswith(f"Error: {spec}: " + expected.replace("{dir}", str(tmp_path))), (
+            lines[0]
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -228,9 +239,9 @@ def test_fingerprints(tmp_path: Path, tiny_flux: Path) -> None:
     sources = Sources()
     digests = [fingerprint(t, sources.identity(t)).digest for t in targets]
     assert len(set(digests)) == 4
-    assert [fingerprint(t, sources.identity(t)).inputs["source"].get("family") for t in targets] == [
-        "flux", "flux", "qwenimage", None
-    ]
+    assert [
+        fingerprint(t, sources.identity(t)).inputs["source"].get("family") for t in targets
+    ] == ["flux", "flux", "qwenimage", None]
     again = Sources()  # a fresh resolution: the same digests
     assert [fingerprint(t, again.identity(t)).digest for t in targets] == digests
     qwen, here = targets[2], targets[3]

@@ -6,7 +6,7 @@ card, push); ``summary`` reports it as JSON and Markdown.
 """
 
 from qconvert.build.run import BuildError, Options, convert_command, run_build
-from qconvert.build.spec import SpecError, Spec, Target, listing, load_spec, render_listing
+from qconvert.build.spec import Spec, SpecError, Target, listing, load_spec, render_listing
 from qconvert.build.summary import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,

@@ -33,7 +33,6 @@ from typing import Any
 
 from qconvert.build import fingerprint as fpr
 from qconvert.build.spec import AUTO, Spec, Target
-from qconvert.errors import QconvertError
 from qconvert.build.summary import (
     BUILT,
     FAILED,
@@ -43,6 +42,7 @@ from qconvert.build.summary import (
     Summary,
     TargetResult,
 )
+from qconvert.errors import QconvertError
 
 OUTPUT = "output"  # the converted folder inside a target's state folder
 MARKER = "build.json"  # which fingerprint the state folder is building
@@ -249,7 +249,9 @@ class _Runner:
             # through the command line, in its own process: GPU memory is freed between targets
             code = "from qconvert.cli import main; main(prog_name='qconvert')"
             argv = [sys.executable, "-c", code, kind, str(output), *_flags(options)]
-            self.options.report(f"qconvert build: {target.name}: {shlex.join(['qconvert', *argv[3:]])}")
+            self.options.report(
+                f"qconvert build: {target.name}: {shlex.join(['qconvert', *argv[3:]])}"
+            )
             if subprocess.run(argv, check=False).returncode != 0:
                 raise BuildError(f"`qconvert {kind}` failed (its output is above); fix, re-run")
             result.notes.append(f"{kind} ran")

@@ -46,7 +46,7 @@ _KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "only": (list, "a list of patterns"),
     "strict": (bool, "true or false"),
     "transformer-only": (bool, "true or false"),
-    "max-shard-size": ((int, str), "a size: bytes, or e.g. \"5GB\", \"500MiB\""),
+    "max-shard-size": ((int, str), 'a size: bytes, or e.g. "5GB", "500MiB"'),
     "eval": (dict, "a table of `qconvert eval` options"),
     "bench": (dict, "a table of `qconvert bench` options"),
 }
@@ -132,7 +132,8 @@ class Spec:
 
 
 def listing(spec: Spec, targets: list[Target]) -> dict[str, Any]:
-    """``--list --json``: the targets, and the matrix for ``strategy.matrix: ${{ fromJSON(...) }}``."""
+    """``--list --json``: the targets, and the matrix a workflow feeds to ``strategy.matrix``
+    through ``fromJSON``."""
     return {
         "spec": str(spec.path),
         "targets": [t.to_dict() for t in targets],
@@ -146,7 +147,9 @@ def render_listing(targets: list[Target]) -> str:
             t.name,
             t.family,
             t.fmt,
-            "tiny" if t.source is None else f"{t.source}@{t.revision or 'main'}"
+            "tiny"
+            if t.source is None
+            else f"{t.source}@{t.revision or 'main'}"
             if t.source_kind == "hub"
             else t.source,
             t.repo,
@@ -155,8 +158,10 @@ def render_listing(targets: list[Target]) -> str:
     ]
     head = ("target", "family", "format", "source", "repo")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(f"{c!s:<{w}}" for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [head, *rows])
+    return "\n".join(
+        "  ".join(f"{c!s:<{w}}" for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [head, *rows]
+    )
 
 
 def _toml_error(path: Path, text: str, error: tomllib.TOMLDecodeError) -> str:
@@ -226,7 +231,7 @@ def _check_keys(path: Path, where: str, table: dict[str, Any], allowed: set[str]
             )
             raise SpecError(f"{path}: {where}: key {key!r}: {hint}")
         kind, what = _KEYS[key]
-        if not isinstance(value, kind) or (kind != bool and isinstance(value, bool)):
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise SpecError(f"{path}: {where}: key {key!r}: expected {what}, got {value!r}")
         if kind is list and not all(isinstance(v, str) for v in value):
             raise SpecError(f"{path}: {where}: key {key!r}: expected {what} (strings)")
@@ -260,8 +265,11 @@ def _expand(path: Path, index: int, table: dict[str, Any]) -> list[Target]:
     stem = table.get("name") or _stem(source, kind, family)
     where = f"target {index} ({stem!r})"
     if not _NAME.match(stem):
-        raise fail("name", f"{stem!r} is not usable as a target name; use letters, digits, "
-                   f"'-', '_' and '.' (set `name`)")
+        raise fail(
+            "name",
+            f"{stem!r} is not usable as a target name; use letters, digits, "
+            f"'-', '_' and '.' (set `name`)",
+        )
     formats = table.get("formats")
     if not formats:
         raise fail("formats", f"missing or empty; a list of {', '.join(FORMATS)}")
@@ -374,8 +382,9 @@ def _repo(template: str, values: dict[str, str], fail: Any) -> str:
         repo = template.format_map(values)
     except KeyError as e:
         raise fail(
-            "repo", f"unknown placeholder {{{e.args[0]}}} in {template!r}; use "
-            + ", ".join(f"{{{p}}}" for p in _PLACEHOLDERS)
+            "repo",
+            f"unknown placeholder {{{e.args[0]}}} in {template!r}; use "
+            + ", ".join(f"{{{p}}}" for p in _PLACEHOLDERS),
         ) from None
     except (ValueError, IndexError) as e:
         raise fail("repo", f"malformed template {template!r} ({e})") from None

@@ -45,8 +45,10 @@ class TargetResult:
             head += f" ({self.repo} on the Hub)" if self.where == "hub" else f" ({self.output})"
         elif self.status == BUILT:
             head += f" in {self.seconds:.1f} s"
-            head += f", pushed to {self.repo} (commit {self.commit})" if self.commit else (
-                f" into {self.output}"
+            head += (
+                f", pushed to {self.repo} (commit {self.commit})"
+                if self.commit
+                else (f" into {self.output}")
             )
         elif self.status == PLANNED and self.plan:
             p = self.plan

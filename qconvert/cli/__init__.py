@@ -1,8 +1,8 @@
 """The ``qconvert`` command line: Click only, a thin layer over the Python API.
 
 One module per command group (``convert``: the family commands, ``model``, ``plan``,
-``inspect``; ``hub``: ``push``, ``card``; ``build``: ``build``); ``common`` holds the error handler and the option
-groups they share.
+``inspect``; ``hub``: ``push``, ``card``; ``build``: ``build``); ``common`` holds the error
+handler and the option groups they share.
 """
 
 from __future__ import annotations
