@@ -294,7 +294,7 @@ def test_an_interrupted_build_resumes(
     state = out / "tiny-flux-mxfp8"
     stop_at.append(total * 2 // 3)
     code, interrupted = run(out)
-    assert code == 1 and interrupted["status"] == "interrupted"
+    assert code == 130 and interrupted["status"] == "interrupted"
     assert "re-run the same build to resume" in interrupted["error"]
     partial = [p for p in state.iterdir() if p.name != "build.json"]
     assert len(partial) == 1 and not (state / "output").exists()
