@@ -15,6 +15,9 @@ What a loopback server cannot prove is listed in tests/test_push.py.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -259,70 +262,128 @@ def tree(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_an_interrupted_build_resumes(
-    tiny_flux: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Offline (no --push): Ctrl-C mid-target keeps the finished shards; the rerun continues
-    them and ends byte-identical to an uninterrupted build; changed inputs start over."""
-    spec = tmp_path / "spec.toml"
-    spec.write_text(
-        f'[[target]]\nfamily = "flux"\nsource = "{tiny_flux}"\nformats = ["mxfp8"]\n'
-        'repo = "alice/{name}-{format}"\nmax-shard-size = 10_000_000\n'
-    )
-    calls: list[int] = []
-    real = writer._quantize
-    stop_at: list[int] = []
+KILL = r"""
+import os, signal, sys
+from qconvert.convert import writer
 
-    def counting(*args: Any) -> dict[str, torch.Tensor]:
-        calls.append(1)
-        if stop_at and len(calls) == stop_at[0]:
-            raise KeyboardInterrupt
-        return real(*args)
+real, calls = writer._quantize, []
 
-    monkeypatch.setattr(writer, "_quantize", counting)
+def dying(*args):
+    calls.append(1)
+    if len(calls) == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind
+    return real(*args)
 
-    def run(out: Path, *extra: str) -> tuple[int, dict[str, Any]]:
-        calls.clear()
-        args = ["build", str(spec), "--json", "-q", "-o", str(out), *extra]
+writer._quantize = dying
+from qconvert.cli import main
+main(["build", sys.argv[1], "-q", "-o", sys.argv[3]])
+"""
+
+
+class Offline:
+    """Builds of one tiny-FLUX mxfp8 target (local source, 10 MB shards) in this process,
+    counting (and optionally interrupting) the converter's quantize calls."""
+
+    def __init__(self, tiny_flux: Path, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.spec = root / "spec.toml"
+        self.spec.write_text(
+            f'[[target]]\nfamily = "flux"\nsource = "{tiny_flux}"\nformats = ["mxfp8"]\n'
+            'repo = "alice/{name}-{format}"\nmax-shard-size = "10MB"\n'
+        )
+        self.calls: list[int] = []
+        self.stop_at: int | None = None
+        real = writer._quantize
+
+        def counting(*args: Any) -> dict[str, torch.Tensor]:
+            self.calls.append(1)
+            if len(self.calls) == self.stop_at:
+                raise KeyboardInterrupt
+            return real(*args)
+
+        monkeypatch.setattr(writer, "_quantize", counting)
+
+    def run(self, out: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+        self.calls.clear()
+        args = ["build", str(self.spec), "--json", "-q", "-o", str(out), *extra]
         result = CliRunner().invoke(main, args, catch_exceptions=False)
         return result.exit_code, json.loads(result.stdout)["targets"][0]
 
-    code, ref = run(tmp_path / "ref")
+
+@pytest.fixture(scope="module")
+def reference(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The uninterrupted build: its files, fingerprint and number of quantize calls."""
+    root = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        builder = Offline(tiny_flux, root, monkeypatch)
+        code, ref = builder.run(root / "out")
     assert code == 0 and ref["status"] == "built" and not ref["resumed"]
-    total = len(calls)
+    output = root / "out" / "tiny-flux-mxfp8" / "output"
+    return {**ref, "calls": len(builder.calls), "tree": tree(output), "output": output}
+
+
+@pytest.fixture
+def offline(tiny_flux: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Offline:
+    return Offline(tiny_flux, tmp_path, monkeypatch)
+
+
+def test_an_interrupted_build_resumes(
+    offline: Offline, reference: dict[str, Any], tmp_path: Path
+) -> None:
+    """Offline (no --push): Ctrl-C mid-target keeps the finished shards; the rerun continues
+    them and ends byte-identical to an uninterrupted build; changed inputs start over."""
+    ref, total = reference, reference["calls"]
     out = tmp_path / "out"
     state = out / "tiny-flux-mxfp8"
-    stop_at.append(total * 2 // 3)
-    code, interrupted = run(out)
+    offline.stop_at = total * 2 // 3
+    code, interrupted = offline.run(out)
     assert code == 130 and interrupted["status"] == "interrupted"
     assert "re-run the same build to resume" in interrupted["error"]
     partial = [p for p in state.iterdir() if p.name != "build.json"]
     assert len(partial) == 1 and not (state / "output").exists()
     done = json.loads((partial[0] / "progress.json").read_text())["done"]
     assert len(done) >= 2
-    stop_at.clear()
-    code, resumed = run(out)
+    offline.stop_at = None
+    code, resumed = offline.run(out)
     assert code == 0 and resumed["status"] == "built" and resumed["resumed"]
     assert "resumed an interrupted conversion" in resumed["notes"]
-    assert len(calls) < total  # the finished shards were not converted again
-    reference = tmp_path / "ref" / "tiny-flux-mxfp8" / "output"
-    assert tree(state / "output") == tree(reference)
+    assert len(offline.calls) < total  # the finished shards were not converted again
+    assert tree(state / "output") == ref["tree"]
     assert sorted(p.name for p in state.iterdir()) == ["build.json", "output"]
-    code, again = run(out)
+    code, again = offline.run(out)
     assert code == 0 and again["status"] == "up to date" and again["where"] == "local"
-    assert calls == []
-    spec.write_text(spec.read_text() + 'skip = ["ff_context"]\n')
-    code, planned = run(out, "--dry-run")
-    assert code == 0 and planned["status"] == "would build" and calls == []
-    code, changed = run(out)
+    assert offline.calls == []
+    offline.spec.write_text(offline.spec.read_text() + 'skip = ["ff_context"]\n')
+    code, planned = offline.run(out, "--dry-run")
+    assert code == 0 and planned["status"] == "would build" and offline.calls == []
+    code, changed = offline.run(out)
     assert code == 0 and changed["status"] == "built" and not changed["resumed"]
     assert changed["fingerprint"] != ref["fingerprint"]
     manifest = json.loads((state / "output" / "qconvert.json").read_text())
     assert manifest["recipe"]["extra_skips"] == ["ff_context"]
     assert manifest["build"]["fingerprint"] == changed["fingerprint"]
     assert manifest["summary"]["quantized_layers"] == planned["plan"]["quantized_layers"]
-    before = json.loads((reference / "qconvert.json").read_text())
+    before = json.loads(ref["tree"]["qconvert.json"])
     assert planned["plan"]["quantized_layers"] < before["summary"]["quantized_layers"]
+
+
+def test_a_killed_build_resumes(
+    offline: Offline, reference: dict[str, Any], tmp_path: Path
+) -> None:
+    """kill -9 mid-target (a cancelled CI job): the rerun resumes from the finished shards."""
+    total = reference["calls"]
+    out = tmp_path / "out"
+    args = [str(offline.spec), str(total * 2 // 3), str(out)]
+    proc = subprocess.run([sys.executable, "-c", KILL, *args], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    state = out / "tiny-flux-mxfp8"
+    partial = [p for p in state.iterdir() if p.name != "build.json"]
+    assert len(partial) == 1 and (state / "build.json").is_file()
+    assert json.loads((partial[0] / "progress.json").read_text())["done"]
+    code, resumed = offline.run(out)
+    assert code == 0 and resumed["status"] == "built" and resumed["resumed"]
+    assert len(offline.calls) < total
+    assert resumed["fingerprint"] == reference["fingerprint"]
+    assert tree(state / "output") == reference["tree"]
 
 
 def test_dry_run_writes_nothing(tiny_flux: Path, tmp_path: Path) -> None:

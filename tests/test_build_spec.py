@@ -67,7 +67,7 @@ def test_list_expands_targets_with_stable_names_and_a_matrix(tmp_path: Path) -> 
         "family": "flux",
         "format": "nvfp4",
         "repo": "alice/tiny-flux-nvfp4",
-        "source-key": "tiny-tiny-flux",
+        "source-key": "tiny-flux",
     }
     text = invoke(str(spec), "--list")
     assert text.exit_code == 0

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ def run_build(spec: Spec, targets: list[Target], options: Options) -> Summary:
 
             result.status = INTERRUPTED if isinstance(e, Interrupted) else FAILED
             result.error = _one_line(e)
+            if not isinstance(e, QconvertError | OSError):  # a bug: keep its traceback
+                options.report("".join(traceback.format_exception(e)).rstrip())
             stop = stop or result.status == INTERRUPTED or not options.keep_going
         result.seconds = round(time.perf_counter() - start, 3)
         options.report(f"qconvert build: {result.line()}")
@@ -223,11 +226,11 @@ class _Runner:
         }
         try:
             convert(output, **kwargs)
-        except OutputError:
-            if not leftovers:
+        except OutputError as e:
+            if not leftovers or not str(e).startswith("--resume:"):
                 raise
-            # the interrupted conversion cannot be continued (e.g. its source files were
-            # touched): start this target's conversion afresh, once
+            # the interrupted conversion is of other inputs as the converter sees them (e.g. the
+            # local source folder was moved or its files touched): start it afresh, once
             self.options.report(f"qconvert build: {target.name}: cannot resume; starting over")
             for path in leftovers:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -247,11 +250,9 @@ class _Runner:
                 self.options.report(f"qconvert build: {target.name}: {kind} skipped: {why}")
                 continue
             # through the command line, in its own process: GPU memory is freed between targets
-            code = "from qconvert.cli import main; main(prog_name='qconvert')"
-            argv = [sys.executable, "-c", code, kind, str(output), *_flags(options)]
-            self.options.report(
-                f"qconvert build: {target.name}: {shlex.join(['qconvert', *argv[3:]])}"
-            )
+            argv = [sys.executable, "-m", "qconvert", kind, str(output), *_flags(options)]
+            shown = shlex.join(["qconvert", *argv[3:]])
+            self.options.report(f"qconvert build: {target.name}: {shown}")
             if subprocess.run(argv, check=False).returncode != 0:
                 raise BuildError(f"`qconvert {kind}` failed (its output is above); fix, re-run")
             result.notes.append(f"{kind} ran")

@@ -102,7 +102,7 @@ class Target:
     def matrix_entry(self) -> dict[str, str]:
         """One ``strategy.matrix.include`` row: what a workflow job needs to name and cache it."""
         if self.source_kind == "tiny":
-            key = f"tiny-{self.family}"
+            key = self.family
         else:
             key = re.sub(r"[^A-Za-z0-9._-]+", "--", str(self.source)).strip("-.")
         return {
