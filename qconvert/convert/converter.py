@@ -233,9 +233,10 @@ def convert(
         tiny_recipe = families().get(family) if source is None else None
         with open_source(source, tiny_recipe, revision, transformer_only) as src:
             workdir.check_apart(output, src.root)
-            plan = plan_for(src, family, fmt, selection, strict, max_shard_size)
             only_transformer = transformer_only or src.transformer_only
-            job = _Job(plan, src, work, only_transformer, dev, progress, command)
+            copies = src.component_files(only_transformer)  # checked before the long work
+            plan = plan_for(src, family, fmt, selection, strict, max_shard_size)
+            job = _Job(plan, src, work, only_transformer, copies, dev, progress, command)
             data = job.run()
             workdir.replace(work, output)
     seconds = time.perf_counter() - start
@@ -252,6 +253,7 @@ class _Job:
         src: Source,
         work: Path,
         transformer_only: bool,
+        copies: list[str],
         device: torch.device,
         show_bar: bool,
         command: str,
@@ -271,7 +273,7 @@ class _Job:
         self.reused = dict(self.progress.done)
         self.recorded = dict(self.progress.sources)
         self.stale: str | None = None
-        self.copies = src.component_files(transformer_only)
+        self.copies = copies
         self.remaining = sum(
             i.out_bytes
             for n, s in zip(names, plan.shards, strict=True)

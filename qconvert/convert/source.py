@@ -94,10 +94,10 @@ def _one_line(error: BaseException) -> str:
 
 def _transformer_shards(root: Path, folder: str) -> list[Header]:
     """The transformer's safetensors headers; ``folder`` ("transformer" or "") is relative to
-    the source ``root``, and every file named (by the index too) must stay inside ``root``."""
-    sub = f"{folder}/" if folder else ""
+    the source ``root`` (and checked by the caller), and every file named, by the index too,
+    must stay inside it."""
     tdir = root / folder if folder else root
-    index = inside(root, sub + WEIGHTS_INDEX, f"{root}: shard index")
+    index = inside(tdir, WEIGHTS_INDEX, f"{tdir}: shard index")
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -108,7 +108,7 @@ def _transformer_shards(root: Path, folder: str) -> list[Header]:
                 raise ContainmentError(
                     f"{index}: weight_map entry for tensor {tensor!r} is not a file name"
                 )
-            inside(root, sub + entry, f"{index}: weight_map entry (tensor {tensor!r})")
+            inside(tdir, entry, f"{index}: weight_map entry (tensor {tensor!r})")
             files.setdefault(entry, tensor)
         missing = [f for f in sorted(files) if not (tdir / f).is_file()]
         if missing:
@@ -116,8 +116,8 @@ def _transformer_shards(root: Path, folder: str) -> list[Header]:
                 f"{tdir}: shard {missing[0]} listed in {WEIGHTS_INDEX} is missing; "
                 f"the download is incomplete"
             )
-        paths = [inside(root, sub + f, f"{index}: weight_map entry") for f in sorted(files)]
-    elif inside(root, sub + WEIGHTS_FILE, f"{root}: weights file").is_file():
+        paths = [tdir / f for f in sorted(files)]
+    elif inside(tdir, WEIGHTS_FILE, f"{tdir}: weights file").is_file():
         paths = [tdir / WEIGHTS_FILE]
     else:
         found = sorted(p.name for p in tdir.glob("*.safetensors"))
@@ -126,7 +126,7 @@ def _transformer_shards(root: Path, folder: str) -> list[Header]:
                 f"{tdir}: no safetensors weights (expected {WEIGHTS_FILE} or {WEIGHTS_INDEX}); "
                 f".bin checkpoints are not read (no pickle) — convert them to safetensors first"
             )
-        paths = [inside(root, sub + f, f"{root}: weights file") for f in found]
+        paths = [inside(tdir, f, f"{tdir}: weights file") for f in found]
     return [read_header(p) for p in paths]
 
 
