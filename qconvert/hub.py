@@ -143,8 +143,8 @@ def _first_line(error: BaseException) -> str:
 def validate_repo_id(repo_id: str, bare_ok: bool = False) -> None:
     """Raise PushError unless ``repo_id`` is NAMESPACE/NAME within the Hub's naming rules
     (with ``bare_ok``, a NAME alone is checked as if under a namespace)."""
-    huggingface_hub, _ = _hub()
     from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
 
     problem = None
     full = f"namespace/{repo_id}" if bare_ok and "/" not in repo_id else repo_id
@@ -152,7 +152,7 @@ def validate_repo_id(repo_id: str, bare_ok: bool = False) -> None:
         problem = "it needs exactly one '/' between namespace and name"
     else:
         try:
-            huggingface_hub.utils.validate_repo_id(full)
+            hub_validate(full)
         except HFValidationError as e:
             problem = _first_line(e).rstrip(".")
     if problem is None and any(not part for part in full.split("/")):
@@ -172,7 +172,9 @@ def login(token: str | None = None) -> Account:
         token = clean_token(huggingface_hub.get_token(), "HF_TOKEN or the stored login")
     if not token:
         raise PushError(f"not logged in to the Hugging Face Hub: {LOGIN_HINT}")
-    endpoint = huggingface_hub.constants.ENDPOINT
+    from huggingface_hub import constants  # a lazy submodule: import it, never getattr it
+
+    endpoint = constants.ENDPOINT
     try:
         who = huggingface_hub.HfApi().whoami(token=token)
     except errors.HfHubHTTPError as e:

@@ -239,7 +239,7 @@ def test_overlapping_tensors_in_a_source_are_refused(small: Path) -> None:
     assert len(names) >= 2
     header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]  # to_k = to_q's bytes
     write_raw(shard, header, len(raw) - 8 - length)
-    with pytest.raises(SafetensorsError, match="overlaps the tensor before it|leaves a gap"):
+    with pytest.raises(SafetensorsError, match=r"overlaps the tensor before it|leaves a gap"):
         open_local(small)
 
 
@@ -312,7 +312,7 @@ def test_wrongly_typed_config_values_name_the_key(
 
 def test_model_index_transformer_class_must_match_config(small: Path) -> None:
     edit_json(small / "model_index.json", transformer=["diffusers", "QwenImageTransformer2DModel"])
-    with pytest.raises(SourceError, match="listed as QwenImageTransformer2DModel, but .* builds"):
+    with pytest.raises(SourceError, match=r"listed as QwenImageTransformer2DModel, but .* builds"):
         open_local(small)
 
 
@@ -358,7 +358,7 @@ def test_overwrite_refuses_the_source_and_folders_that_are_not_ours(
     other = tmp_path / "photos"
     other.mkdir()
     (other / "cat.jpg").write_bytes(b"meow")
-    with pytest.raises(OutputError, match="not a qconvert output .* --overwrite only replaces"):
+    with pytest.raises(OutputError, match=r"not a qconvert output .* --overwrite only replaces"):
         run(src, other, overwrite=True)
     assert (other / "cat.jpg").read_bytes() == b"meow"
     (tmp_path / "empty").mkdir()
@@ -446,7 +446,7 @@ def test_resume_does_not_trust_size_and_mtime(
     shutil.copytree(deep, src, copy_function=shutil.copy2)
     out, work = tmp_path / "out", tmp_path / ".out.qconvert-partial"
     interrupt_when_hashed(monkeypatch, work, 25, src)
-    with pytest.raises(QconvertError, match="interrupted; .* kept"):
+    with pytest.raises(QconvertError, match=r"interrupted; .* kept"):
         run(src, out, max_shard_size=SHARD)
     monkeypatch.undo()
     # An edit that keeps the size and restores the mtime: only the sha256 can tell.
@@ -468,7 +468,7 @@ def test_resume_carries_no_unknown_files_and_checks_progress(
 ) -> None:
     out, work = tmp_path / "out", tmp_path / ".out.qconvert-partial"
     interrupt_when_hashed(monkeypatch, work, 25, deep)
-    with pytest.raises(QconvertError, match="interrupted; .* kept"):
+    with pytest.raises(QconvertError, match=r"interrupted; .* kept"):
         run(deep, out, max_shard_size=SHARD)
     monkeypatch.undo()
     (work / "planted.txt").write_text("not ours")
@@ -483,7 +483,7 @@ def test_resume_carries_no_unknown_files_and_checks_progress(
     assert not (result / "planted.txt").exists() and not (result / "link").exists()
     # A progress.json that is not ours is refused in one line.
     interrupt_when_hashed(monkeypatch, work, 25, deep)
-    with pytest.raises(QconvertError, match="interrupted; .* kept"):
+    with pytest.raises(QconvertError, match=r"interrupted; .* kept"):
         run(deep, tmp_path / "out", max_shard_size=SHARD, overwrite=True)
     monkeypatch.undo()
     (work / "progress.json").write_text(json.dumps({"done": {}}))

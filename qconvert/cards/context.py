@@ -244,7 +244,7 @@ def _context(
         "quantized_names": ", ".join(
             md.code(n) for n in dict.fromkeys(_BLOCK.sub(r"\1.N.", q["name"]) for q in quantized)
         ),
-        "notes": [md.text(note) for note in recipe.get("notes", [])],
+        "notes": [md.paragraph(note) for note in recipe.get("notes", [])],
         "recipe": md.code_cell(recipe.get("name")),
         "extra": extra,
         "hardware": hardware,
