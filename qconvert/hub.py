@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 from qconvert import manifest as mf
 from qconvert.cards import CARD, EXTRA_FILES, CardError, default_repo_name, write_card
+from qconvert.contain import ContainmentError, inside
 from qconvert.errors import QconvertError
 
 log = logging.getLogger("qconvert")
@@ -66,7 +68,7 @@ def _hub() -> tuple[Any, Any]:
     return huggingface_hub, errors
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
+def network_errors() -> tuple[type[BaseException], ...]:
     _, errors = _hub()
     found: list[type[BaseException]] = [errors.HfHubHTTPError, OSError, TimeoutError]
     for name in ("httpx2", "httpx", "requests"):  # the HTTP client huggingface_hub runs on
@@ -102,8 +104,35 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+_BEARER = re.compile(r"(Bearer\s+)[^\s'\"]+", re.IGNORECASE)
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # what an HTTP header value may hold, no spaces
+
+
 def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "hf_***") if token else text
+    """``text`` without the token in any form it may take in a message: as is, stripped, as a
+    Python str or bytes repr (httpx: "Illegal header value b'Bearer hf_…\\n'"), and anything
+    after "Bearer"."""
+    if token:
+        forms = {token, token.strip(), repr(token)[1:-1], repr(token.encode())[2:-1]}
+        for form in sorted((f for f in forms if len(f) >= 4), key=len, reverse=True):
+            text = text.replace(form, "hf_***")
+    return _BEARER.sub(r"\1***", text)
+
+
+def clean_token(token: str | None, where: str = "--token") -> str | None:
+    """A token as given (``--token``, a file read as is), stripped of surrounding whitespace
+    and checked before use: PushError when it holds spaces or control characters."""
+    if token is None:
+        return None
+    stripped = token.strip()
+    if not stripped:
+        return None
+    if not _TOKEN_CHARS.fullmatch(stripped):
+        raise PushError(
+            f"the Hub token ({where}) holds spaces, control or non-ASCII characters; it is not a "
+            f"token: copy it again from your Hub settings ({LOGIN_HINT})"
+        )
+    return stripped
 
 
 def _first_line(error: BaseException) -> str:
@@ -111,20 +140,22 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def validate_repo_id(repo_id: str) -> None:
-    """Raise PushError unless ``repo_id`` is NAMESPACE/NAME within the Hub's naming rules."""
-    huggingface_hub, _ = _hub()
+def validate_repo_id(repo_id: str, bare_ok: bool = False) -> None:
+    """Raise PushError unless ``repo_id`` is NAMESPACE/NAME within the Hub's naming rules
+    (with ``bare_ok``, a NAME alone is checked as if under a namespace)."""
     from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
 
     problem = None
-    if repo_id.count("/") != 1:
+    full = f"namespace/{repo_id}" if bare_ok and "/" not in repo_id else repo_id
+    if full.count("/") != 1:
         problem = "it needs exactly one '/' between namespace and name"
     else:
         try:
-            huggingface_hub.utils.validate_repo_id(repo_id)
+            hub_validate(full)
         except HFValidationError as e:
             problem = _first_line(e).rstrip(".")
-    if problem is None and any(not part for part in repo_id.split("/")):
+    if problem is None and any(not part for part in full.split("/")):
         problem = "namespace and name must not be empty"
     if problem:
         raise PushError(
@@ -136,10 +167,14 @@ def validate_repo_id(repo_id: str) -> None:
 def login(token: str | None = None) -> Account:
     """Check there is a token and that the Hub accepts it for writing; who it belongs to."""
     huggingface_hub, errors = _hub()
-    token = token or huggingface_hub.get_token()  # huggingface_hub's order: HF_TOKEN, stored
+    token = clean_token(token)
+    if not token:  # huggingface_hub's order: HF_TOKEN, then the stored login
+        token = clean_token(huggingface_hub.get_token(), "HF_TOKEN or the stored login")
     if not token:
         raise PushError(f"not logged in to the Hugging Face Hub: {LOGIN_HINT}")
-    endpoint = huggingface_hub.constants.ENDPOINT
+    from huggingface_hub import constants  # a lazy submodule: import it, never getattr it
+
+    endpoint = constants.ENDPOINT
     try:
         who = huggingface_hub.HfApi().whoami(token=token)
     except errors.HfHubHTTPError as e:
@@ -152,7 +187,7 @@ def login(token: str | None = None) -> Account:
             f"could not check the token with {endpoint} ({_scrub(_first_line(e), token)}); "
             f"check the network and re-run"
         ) from None
-    except _network_errors() as e:
+    except network_errors() as e:
         raise PushError(
             f"could not reach {endpoint} ({_scrub(_first_line(e), token)}); check the network "
             f"and re-run"
@@ -207,6 +242,11 @@ def check_output(root: Path) -> dict[str, Any]:
         raise PushError(f"{e}; refusing to push: re-convert, or restore the file") from None
     except (KeyError, TypeError) as e:
         raise PushError(f"{root / mf.MANIFEST}: malformed files table ({e!r})") from None
+    for name in EXTRA_FILES:  # the card and the measurements: ours, never links out
+        try:
+            inside(root, name, f"{root}:")
+        except ContainmentError as e:
+            raise PushError(f"{e}; refusing to push") from None
     listed = {str(row["path"]) for row in manifest["files"]} | set(EXTRA_FILES)
     for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
         rel = path.relative_to(root).as_posix()
@@ -362,7 +402,7 @@ def _explain(error: Exception, repo_id: str, account: Account, token: str | None
         )
     if status is not None and status < 500 and status not in (408, 429):
         return PushError(f"{repo_id}: the Hub refused the push ({detail})")
-    if isinstance(error, (*_network_errors(), RuntimeError)):
+    if isinstance(error, (*network_errors(), RuntimeError)):
         return PushError(
             f"{repo_id}: upload failed after the client's retries ({detail}); nothing was "
             f"committed: re-run the same command to resume (files already uploaded are skipped)"

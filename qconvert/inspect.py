@@ -21,6 +21,16 @@ def render(root: Path) -> tuple[str, dict[str, Any]]:
     if not root.exists():
         raise ManifestError(f"{root}: no such file or directory")
     data: dict[str, Any] = mf.load(root)
+    try:
+        return _render(root, data), data
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ManifestError(
+            f"{root / mf.MANIFEST}: missing or malformed field ({e!r}); not a complete qconvert "
+            f"manifest: re-convert"
+        ) from None
+
+
+def _render(root: Path, data: dict[str, Any]) -> str:
     s = data["summary"]
     src = data["source"]
     where = (
@@ -49,7 +59,7 @@ def render(root: Path) -> tuple[str, dict[str, Any]]:
         "layers (blocks collapsed: N = every block index):",
         *layer_table(data["layers"], collapse=True),
     ]
-    return "\n".join(lines), data
+    return "\n".join(lines)
 
 
 def layer_table(layers: list[dict[str, Any]], collapse: bool) -> list[str]:

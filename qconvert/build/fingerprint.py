@@ -86,13 +86,12 @@ def _identity(target: Target) -> dict[str, Any]:
     if target.source_kind == "hub":
         assert target.source is not None
         return {"kind": "hub", "repo_id": target.source, "commit": hub_commit(target)}
-    from qconvert.convert.converter import component_files
     from qconvert.convert.record import source_table
     from qconvert.convert.source import open_local
 
     src = open_local(Path(str(target.source)))
     only_transformer = target.transformer_only or src.transformer_only
-    files = source_table(src, component_files(src, only_transformer))
+    files = source_table(src, src.component_files(only_transformer))
     return {"kind": "local", "files": files}
 
 

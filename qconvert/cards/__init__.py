@@ -14,7 +14,6 @@ measurement file exists (``cards.measurements`` holds their schema).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from qconvert.cards.base import (
 )
 from qconvert.cards.context import context
 from qconvert.cards.measurements import QUALITY, SPEED, read_measurement
+from qconvert.contain import ContainmentError, inside
 from qconvert.errors import ManifestError
 
 CARD = "README.md"
@@ -69,7 +69,7 @@ def render_card(output_dir: str | Path, repo_id: str | None = None) -> str:
         manifest = mf.load(root)
     except ManifestError as e:
         raise CardError(str(e)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CardError(f"{root / mf.MANIFEST}: not readable JSON ({e})") from e
     ctx = context(manifest, repo_id, read_measurement(root, QUALITY), read_measurement(root, SPEED))
     card = ModelCard.from_template(
@@ -81,7 +81,10 @@ def render_card(output_dir: str | Path, repo_id: str | None = None) -> str:
 
 def write_card(output_dir: str | Path, repo_id: str | None = None) -> Path:
     """Render the card and write it to ``output_dir/README.md``; returns the path."""
-    path = Path(output_dir) / CARD
+    try:  # never write through a link out of the folder
+        path = inside(Path(output_dir), CARD, f"{output_dir}: card")
+    except ContainmentError as e:
+        raise CardError(str(e)) from None
     text = render_card(output_dir, repo_id)
     path.write_text(text, encoding="utf-8")
     return path

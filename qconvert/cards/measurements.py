@@ -23,7 +23,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qconvert.cards.base import CardError, _cell, _value
+from qconvert.cards import markdown as md
+from qconvert.cards.base import CardError, _value
+from qconvert.contain import ContainmentError, inside
 
 QUALITY = "quality.json"
 SPEED = "speed.json"
@@ -31,7 +33,10 @@ SPEED = "speed.json"
 
 def read_measurement(root: Path, name: str) -> dict[str, Any] | None:
     """``quality.json`` / ``speed.json`` checked against the schema above; None when absent."""
-    path = root / name
+    try:
+        path = inside(root, name, f"{root}: measurement file")  # a link out is not read
+    except ContainmentError as e:
+        raise CardError(str(e)) from None
     if not path.is_file():
         return None
     try:
@@ -53,11 +58,12 @@ def read_measurement(root: Path, name: str) -> dict[str, Any] | None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
+    # Shown as text that opens no markdown structure (the file is not qconvert's).
     return {
-        "setup": data["setup"],
-        "device": data.get("device"),
-        "reference": data.get("reference"),
-        "command": data.get("command"),
-        "columns": [_cell(c) for c in columns],
-        "rows": [[_cell(_value(row.get(c))) for c in columns] for row in rows],
+        "setup": md.paragraph(data["setup"]),
+        "device": md.text(data["device"]) if data.get("device") else None,
+        "reference": md.text(data["reference"]) if data.get("reference") else None,
+        "command": md.code(data["command"]) if data.get("command") else None,
+        "columns": [md.cell(c) for c in columns],
+        "rows": [[md.cell(_value(row.get(c))) for c in columns] for row in rows],
     }

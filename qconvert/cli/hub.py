@@ -112,7 +112,10 @@ def card(path: Path, repo_id: str | None) -> None:
       qconvert card FLUX.1-dev-nvfp4 --repo-id alice/FLUX.1-dev-nvfp4
     """
     from qconvert.cards import write_card
+    from qconvert.hub import validate_repo_id
 
+    if repo_id is not None:  # NAMESPACE/NAME, or a bare NAME (the default's form)
+        validate_repo_id(repo_id, bare_ok=True)
     click.echo(f"wrote {write_card(path, repo_id)}")
 
 

@@ -54,7 +54,6 @@ __all__ = [
     "Interrupted",
     "OutputError",
     "Result",
-    "component_files",
     "convert",
     "plan_target",
 ]
@@ -234,14 +233,19 @@ def convert(
         raise SourceError("give a source (a local folder or a Hub repo id)")
     output = Path(output)
     dev = resolve_device(device)
-    work = workdir.work_dir(output, overwrite, resume)
-    tiny_recipe = families().get(family) if source is None else None
-    with open_source(source, tiny_recipe, revision, transformer_only) as src:
-        plan = plan_for(src, family, fmt, selection, strict, max_shard_size)
-        only_transformer = transformer_only or src.transformer_only
-        job = _Job(plan, src, work, only_transformer, dev, progress, command)
-        data = job.run()
-        workdir.replace(work, output)
+    if source is not None and Path(source).exists():
+        workdir.check_apart(output, Path(source))  # before anything is written
+    with workdir.locked(output):
+        work = workdir.work_dir(output, overwrite, resume)
+        tiny_recipe = families().get(family) if source is None else None
+        with open_source(source, tiny_recipe, revision, transformer_only) as src:
+            workdir.check_apart(output, src.root)
+            only_transformer = transformer_only or src.transformer_only
+            copies = src.component_files(only_transformer)  # checked before the long work
+            plan = plan_for(src, family, fmt, selection, strict, max_shard_size)
+            job = _Job(plan, src, work, only_transformer, copies, dev, progress, command)
+            data = job.run()
+            workdir.replace(work, output)
     seconds = time.perf_counter() - start
     log.info("converted %s in %.1f s", output, seconds)
     return Result(output, plan, seconds, data)
@@ -256,6 +260,7 @@ class _Job:
         src: Source,
         work: Path,
         transformer_only: bool,
+        copies: list[str],
         device: torch.device,
         show_bar: bool,
         command: str,
@@ -265,23 +270,44 @@ class _Job:
         self.dst = work if transformer_only else work / "transformer"
         self.stamps = {h.path: workdir.stamp(h.path) for h in src.shards}
         fingerprint = workdir.fingerprint(plan, src, plan.fmt.name, transformer_only)
-        self.progress: Progress = workdir.resume_state(work, fingerprint, self.dst)
         names = shard_names(len(plan.shards))
+        self.shard_rels = {workdir.shard_rel(src, h.path) for h in src.shards}
+        self.progress: Progress = workdir.resume_state(
+            work, fingerprint, self.dst, names, sorted(self.shard_rels)
+        )
+        # What the interrupted run recorded: its reused shards hold only while the source's
+        # sha256 (computed again beside this run) is the same.
+        self.reused = dict(self.progress.done)
+        self.recorded = dict(self.progress.sources)
+        self.stale: str | None = None
+        self.copies = copies
         self.remaining = sum(
             i.out_bytes
             for n, s in zip(names, plan.shards, strict=True)
             if n not in self.progress.done
             for i in s
         )
-        workdir.check_space(work.parent, self.remaining)
+        copied_bytes = sum((src.root / rel).stat().st_size for rel in self.copies)
+        # + the configs, index, manifest and card: a few MiB at most
+        workdir.check_space(work.parent, self.remaining + copied_bytes + 2**22)
+
+    def _hashed(self, rel: str, digest: str) -> None:
+        """A source file's sha256, from the hashing beside the conversion: record the shards'
+        (what --resume checks) and drop reused shards made from a source that has changed."""
+        if rel not in self.shard_rels:
+            return
+        drop: tuple[str, ...] = ()
+        if self.recorded.get(rel, digest) != digest and self.reused:
+            self.stale, drop = rel, tuple(self.reused)
+        self.progress.record_source(rel, digest, drop)
 
     def run(self) -> dict[str, object]:
         try:
             self.dst.mkdir(parents=True, exist_ok=True)
-            copied = _copy_components(self.src, self.work, self.transformer_only)
+            copied = _copy_components(self.src, self.work, self.copies)
             # The source's sha256 (for the manifest) is computed beside the conversion.
             with ThreadPoolExecutor(1, thread_name_prefix="qconvert-hash") as hasher:
-                hashing = hasher.submit(record.source_table, self.src, copied)
+                hashing = hasher.submit(record.source_table, self.src, copied, self._hashed)
                 weight_map = stream(
                     self.plan,
                     self.src,
@@ -292,6 +318,14 @@ class _Job:
                     set(self.progress.done),
                 )
                 source_files = hashing.result()
+            if self.stale:
+                for name in self.reused:
+                    (self.dst / name).unlink(missing_ok=True)
+                raise SourceError(
+                    f"{self.src.root / self.stale}: changed since the interrupted run (its sha256 "
+                    f"differs; size and mtime do not): its {len(self.reused)} reused shard(s) "
+                    f"were dropped; re-run with --resume to redo them"
+                )
             return self._finish(weight_map, source_files)
         except BaseException as e:
             error = self._failed(e)
@@ -338,22 +372,11 @@ class _Job:
         return e
 
 
-def component_files(source: Source, transformer_only: bool) -> list[str]:
-    """The files copied verbatim into the output (relative to the source root): the base
-    model's LICENSE files and, for a whole pipeline, model_index.json and the other components.
-    With the transformer's shards and config, these are the source files the manifest hashes."""
-    files = sorted(source.root.glob("LICENSE*"))
-    if not transformer_only:
-        files.append(source.root / "model_index.json")
-        for name in source.component_dirs():
-            files += sorted(p for p in (source.root / name).rglob("*") if p.is_file())
-    return [path.relative_to(source.root).as_posix() for path in files]
-
-
-def _copy_components(source: Source, dst: Path, transformer_only: bool) -> list[str]:
-    """Copy ``component_files`` verbatim; returns them."""
-    copied = component_files(source, transformer_only)
-    for rel in copied:
+def _copy_components(source: Source, dst: Path, files: list[str]) -> list[str]:
+    """Copy ``files`` (``Source.component_files``: the LICENSE files and, for a whole pipeline,
+    model_index.json and the other components, each checked to stay inside the source)
+    verbatim."""
+    for rel in files:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.root / rel, dst / rel)
-    return copied
+    return list(files)

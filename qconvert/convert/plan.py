@@ -6,6 +6,8 @@ weight is read, so planning a 20 B model takes seconds.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +56,9 @@ class Item:
     """One source tensor and how it is written."""
 
     info: TensorInfo
-    fmt: Format | None  # None: copied as it is
+    fmt: Format | None  # None: copied (cast to ``dtype`` when set)
     out_bytes: int
+    dtype: torch.dtype | None = None  # a kept float tensor's output dtype, when not the source's
 
 
 @dataclass
@@ -103,23 +106,82 @@ class Plan:
 
 
 def model_class(class_name: str, where: object) -> type[torch.nn.Module]:
+    """The diffusers model class named ``class_name`` (a config's ``_class_name``)."""
     import diffusers
 
-    cls = getattr(diffusers, class_name, None)
-    if not class_name or cls is None:
+    cls: object = None
+    if class_name.isidentifier() and not class_name.startswith("_"):
+        try:
+            cls = getattr(diffusers, class_name, None)
+        except Exception:  # diffusers' lazy module failing to import an optional part
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        what = "unknown model class" if cls is None else "not a model class"
         raise PlanError(
-            f"{where}: unknown model class {class_name!r} "
-            f"(not in diffusers {diffusers.__version__})"
+            f"{where}: {what} {class_name!r} (not a model in diffusers {diffusers.__version__}); "
+            f"check _class_name in its config.json"
         )
     return cls
 
 
-def meta_model(source: Source) -> torch.nn.Module:
-    """The transformer class of the source, built from its config on the meta device."""
-    cls = model_class(source.class_name, source.transformer_dir)
+_COUNT_KEY = re.compile(r"layers|blocks|depth")
+
+
+def check_config(source: Source, cls: type[torch.nn.Module]) -> dict[str, object]:
+    """The source config's values that ``cls`` takes, checked against the types of the class's
+    defaults and bounded (a layer count above the headers' tensor count cannot match them:
+    building such a model would only hang); PlanError naming the key otherwise."""
+    import inspect
+
+    where = source.transformer_dir / "config.json"
+    tensors = sum(len(h.tensors) for h in source.shards)
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
     config = {k: v for k, v in source.config.items() if k != "quantization_config"}
-    with torch.device("meta"):
-        return cls.from_config(config)  # type: ignore[attr-defined]
+    for key, value in config.items():
+        param = params.get(key)
+        if key.startswith("_") or param is None or value is None:
+            continue
+        default = param.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        elif isinstance(default, tuple | list):
+            ok = isinstance(value, list)
+        else:
+            ok = True
+        if not ok:
+            raise PlanError(
+                f"{where}: {key} = {json.dumps(value)[:80]} is a {type(value).__name__}, but "
+                f"{cls.__name__} takes a {type(default).__name__} (default {default!r}); fix the "
+                f"config"
+            )
+        if isinstance(value, int) and _COUNT_KEY.search(key) and value > max(tensors, 1):
+            raise PlanError(
+                f"{where}: {key} = {value} cannot match weights that hold {tensors} tensors; the "
+                f"config does not belong to these weights"
+            )
+    return config
+
+
+def meta_model(source: Source) -> torch.nn.Module:
+    """The transformer class of the source, built from its (checked) config on the meta
+    device."""
+    cls = model_class(source.class_name, source.transformer_dir)
+    config = check_config(source, cls)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config)  # type: ignore[attr-defined]
+    except Exception as e:  # the config is input: whatever it breaks is the config's fault
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PlanError(
+            f"{source.transformer_dir / 'config.json'}: {cls.__name__} cannot be built from it "
+            f"({type(e).__name__}: {detail}); check its values"
+        ) from None
 
 
 def real_config_source(recipe: Recipe) -> Source:
@@ -233,6 +295,8 @@ def make_plan(
             f"{source.transformer_dir}: weights do not match {source.class_name} built from its "
             f"config.json ({what}; {len(missing)} missing, {len(unexpected)} unexpected)"
         )
+    for name in sorted(expected):
+        check_tensor(infos[name], expected[name], source.class_name)
     prefixes = _block_prefixes(model) if recipe.only_repeated_blocks else []
     if recipe.only_repeated_blocks and not prefixes:
         raise PlanError(
@@ -250,12 +314,17 @@ def make_plan(
     quantized = {
         f"{layer.name}.weight": FORMATS[layer.action] for layer in layers if layer.quantized
     }
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     items = []
     for name in sorted(infos):
         info = infos[name]
         if name in quantized:
             f = quantized[name]
             items.append(Item(info, f, f.bytes_for(info.shape)))  # type: ignore[arg-type]
+        elif info.dtype in _TO_BF16 and not any(m in name.split(".") for m in keep_fp32):
+            # Kept in bf16, as the summary and the card say: what diffusers loads them as
+            # (dtype=torch.bfloat16) and what torchao's quantize_ of that model would save.
+            items.append(Item(info, None, info.nbytes // info.dtype.itemsize * 2, torch.bfloat16))
         else:
             items.append(Item(info, None, info.nbytes))
     patterns = [*selection.patterns(), *(r.pattern for r in recipe.skip)]
@@ -272,6 +341,26 @@ def make_plan(
         source.class_name,
         source.description,
     )
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TO_BF16 = (torch.float16, torch.float32, torch.float64)
+
+
+def check_tensor(info: TensorInfo, expected: torch.Tensor, class_name: str) -> None:
+    """A source tensor must have the shape (and kind of dtype) of the model's own tensor."""
+    if info.shape != tuple(expected.shape):
+        raise PlanError(
+            f"{info.path}: tensor {info.name!r} has shape {list(info.shape)}, but {class_name} "
+            f"built from config.json expects {list(expected.shape)}; the weights and the config "
+            f"do not match"
+        )
+    if expected.is_floating_point() != (info.dtype in _FLOATS):
+        want = "a float (F16, BF16, F32)" if expected.is_floating_point() else "an integer"
+        raise PlanError(
+            f"{info.path}: tensor {info.name!r} is {info.dtype}, but {class_name} expects "
+            f"{want} there (an already quantized checkpoint cannot be converted again)"
+        )
 
 
 def split_shards(items: list[Item], max_bytes: int) -> list[list[Item]]:

@@ -139,6 +139,10 @@ def load_user_recipe(path: Path) -> UserRecipe:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe file ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: invalid TOML: {e}") from None
     allowed = {*FORMATS, KEEP}
@@ -146,6 +150,10 @@ def load_user_recipe(path: Path) -> UserRecipe:
     if unknown:
         raise RecipeError(f"{path}: unknown key {sorted(unknown)[0]!r} (expected format, rule)")
     default = data.get("format")
+    if default is not None and not isinstance(default, str):
+        raise RecipeError(f"{path}: format must be one format name (a string), not {default!r}")
+    if not isinstance(data.get("rule", []), list):
+        raise RecipeError(f"{path}: rule must be a list of [[rule]] tables")
     if default is not None and default not in FORMATS:
         raise RecipeError(f"{path}: unknown format {default!r}; choose one of {', '.join(FORMATS)}")
     rules = []
@@ -156,7 +164,9 @@ def load_user_recipe(path: Path) -> UserRecipe:
         extra = set(raw) - {"pattern", "format", "reason"}
         if extra:
             raise RecipeError(f"{where}: unknown key {sorted(extra)[0]!r}")
-        action = str(raw["format"])
+        if not isinstance(raw["format"], str) or not isinstance(raw["pattern"], str):
+            raise RecipeError(f"{where}: `pattern` and `format` must be strings")
+        action = raw["format"]
         if action not in allowed:
             raise RecipeError(
                 f"{where}: unknown format {action!r}; use one of {', '.join(sorted(allowed))}"

@@ -4,7 +4,8 @@ quantization_config diffusers reads, the shard index, and the manifest's content
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 
 from qconvert.convert.plan import Plan
 from qconvert.convert.source import WEIGHTS_INDEX, Source
@@ -42,22 +43,21 @@ def config_json(plan: Plan, source: Source) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-def source_table(source: Source, copied: list[str]) -> list[dict[str, object]]:
-    """Hashes of every source file the output was made from (shards, configs, components)."""
-    paths = {h.path for h in source.shards}
-    paths.add(source.transformer_dir / "config.json")
-    for rel in copied:
-        paths.add(source.root / rel)
+def source_table(
+    source: Source, copied: list[str], on_hash: Callable[[str, str], None] | None = None
+) -> list[dict[str, object]]:
+    """Hashes of every source file the output was made from (shards, configs, components).
+    The shards are hashed first; ``on_hash(path, sha256)`` hears of each file as it is done."""
+    shards = sorted({h.path for h in source.shards})
+    others = {source.transformer_dir / "config.json"} | {source.root / rel for rel in copied}
     rows = []
-    for path in sorted(paths):
-        rows.append(
-            {
-                "path": path.relative_to(source.root).as_posix(),
-                "size": path.stat().st_size,
-                "sha256": sha256_file(path),
-            }
-        )
-    return rows
+    for path in [*shards, *sorted(others - set(shards))]:
+        rel = path.relative_to(source.root).as_posix()
+        digest = sha256_file(path)
+        if on_hash is not None:
+            on_hash(rel, digest)
+        rows.append({"path": rel, "size": path.stat().st_size, "sha256": digest})
+    return sorted(rows, key=lambda row: PurePosixPath(str(row["path"])))  # as Paths sort
 
 
 def manifest(
@@ -120,5 +120,3 @@ def manifest(
         ],
         "files": files,
     }
-
-

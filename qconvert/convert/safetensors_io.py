@@ -65,49 +65,121 @@ class Header:
 
 
 def read_header(path: Path) -> Header:
-    """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
+    """Parse and check a safetensors header as the safetensors library does (``check_header``):
+    every tensor's bytes lie inside the file, contiguous and non-overlapping."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
-            (length,) = struct.unpack("<Q", head)
-            if length > min(_MAX_HEADER, size - 8):
-                raise SafetensorsError(
-                    f"{path}: corrupt or truncated safetensors file (header length {length}, "
-                    f"file size {size}); re-download or re-export it"
-                )
+            length = header_length(path, head, size)
             raw = f.read(length)
     except OSError as e:
         raise SafetensorsError(f"{path}: cannot read ({e.strerror})") from e
+    return parse_header(path, raw, size)
+
+
+def header_length(path: Path, head: bytes, size: int) -> int:
+    """The JSON header's length from a file's first 8 bytes (checked against the file size)."""
+    if len(head) < 8:
+        raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > min(_MAX_HEADER, size - 8):
+        raise SafetensorsError(
+            f"{path}: corrupt or truncated safetensors file (header length {length}, "
+            f"file size {size}); re-download or re-export it"
+        )
+    return length
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> Header:
+    """The header of a ``size``-byte safetensors file from its JSON bytes (``raw``)."""
+    if not raw.startswith(b"{"):
+        raise SafetensorsError(f"{path}: corrupt safetensors header (does not start with '{{')")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SafetensorsError(f"{path}: corrupt safetensors header ({detail})") from e
+    base = 8 + len(raw)
+    return check_header(path, header, base=base, data_size=size - base)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_header(path: Path, header: object, base: int, data_size: int) -> Header:
+    """A parsed safetensors header, checked as the safetensors library checks it: a JSON object
+    whose ``__metadata__`` (optional) maps strings to strings and whose every other entry has a
+    known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets`` whose span is
+    exactly shape × dtype bytes; sorted by offset, the tensors cover the data region from byte 0
+    contiguously, with no overlap, and end where the file ends (``data_size`` bytes of data).
+    ``base`` is the data region's offset in the file (``TensorInfo.start`` is absolute)."""
+    bad = f"{path}: corrupt safetensors header"
     if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    base = 8 + length
-    tensors: dict[str, TensorInfo] = {}
+        raise SafetensorsError(f"{bad} (not a JSON object)")
+    header = dict(header)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{bad}: __metadata__ must be an object of strings")
+    entries = []
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise SafetensorsError(f"{path}: tensor {name!r} has a bad header entry ({e})") from e
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise SafetensorsError(f"{where}: header entry is not an object")
+        dtype_name, shape = entry.get("dtype"), entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            raise SafetensorsError(
+                f"{where}: unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})"
+            )
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise SafetensorsError(f"{where}: shape {shape!r} is not a list of integers >= 0")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_count(x) for x in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise SafetensorsError(f"{where}: data_offsets {offsets!r} are not [begin, end]")
+        dtype = DTYPES[dtype_name]
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * dtype.itemsize
-        if end - begin != nbytes or begin < 0 or base + end > size:
+            if numel > 1 << 64:  # no file is that large; stop before the product gets huge
+                break
+        begin, end = offsets
+        if end - begin != numel * dtype.itemsize:
             raise SafetensorsError(
-                f"{path}: tensor {name!r} lies outside the file or has the wrong size "
-                f"(truncated or corrupt file: {size} bytes); re-download or re-export it"
+                f"{where}: {dtype_name} {shape} needs {numel * dtype.itemsize} bytes but "
+                f"data_offsets span {end - begin}; the file is corrupt: re-download or re-export it"
             )
-        tensors[name] = TensorInfo(path, name, dtype, shape, base + begin, nbytes)
-    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+        entries.append((begin, end, str(name), dtype, tuple(shape)))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    position = 0
+    tensors: dict[str, TensorInfo] = {}
+    for begin, end, name, dtype, shape in entries:
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else "leaves a gap"
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} {what} (data_offsets start {begin}, expected "
+                f"{position}); the file is corrupt: re-download or re-export it"
+            )
+        if end > data_size:
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} lies outside the file (truncated or corrupt file: "
+                f"{base + data_size} bytes); re-download or re-export it"
+            )
+        position = end
+        tensors[name] = TensorInfo(path, name, dtype, shape, base + begin, end - begin)
+    if position != data_size:
+        raise SafetensorsError(
+            f"{path}: {data_size - position} bytes after the last tensor's data (the header "
+            f"does not describe the file); re-download or re-export it"
+        )
+    return Header(path, tensors, {str(k): v for k, v in metadata.items()})
 
 
 def open_reader(path: Path) -> Any:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def shard_names(count: int) -> list[str]:
 def item_specs(item: Item) -> dict[str, Spec]:
     """The output tensors (torchao-flattened names) one source tensor becomes."""
     if item.fmt is None:
-        return {item.info.name: (item.info.dtype, item.info.shape)}
+        return {item.info.name: (item.dtype or item.info.dtype, item.info.shape)}
     module, weight = item.info.name.rsplit(".", 1)
     return {
         f"{module}._{weight}_{suffix}": spec
@@ -64,38 +65,69 @@ def quantization_metadata(plan: Plan) -> dict[str, str]:
     return metadata
 
 
+def _strings(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
 @dataclass
 class Progress:
-    """Finished shards of an interrupted run, and what that run was converting."""
+    """Finished shards of an interrupted run, and what that run was converting: its fingerprint
+    and the sha256 of each source shard (recorded as the hashing beside the conversion goes)."""
 
     path: Path
     fingerprint: dict[str, object]
     done: dict[str, str]  # shard file name → sha256
+    sources: dict[str, str] = field(default_factory=dict)  # source shard (rel. path) → sha256
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: Path) -> Progress | None:
+        """The saved progress; None when there is none, ValueError when it is not ours."""
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
             return None
-        return cls(path, data["fingerprint"], dict(data["done"]))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"unreadable ({type(e).__name__})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), dict):
+            raise ValueError("no fingerprint")
+        if not _strings(data.get("done")) or not _strings(data.get("sources", {})):
+            raise ValueError("malformed done or sources table")
+        return cls(path, data["fingerprint"], dict(data["done"]), dict(data.get("sources", {})))
+
+    def record_shard(self, name: str, digest: str) -> None:
+        with self.lock:
+            self.done[name] = digest
+            self._save()
+
+    def record_source(self, rel: str, digest: str, drop: tuple[str, ...] = ()) -> None:
+        """Record a source shard's sha256 (and forget the finished shards ``drop``)."""
+        with self.lock:
+            for name in drop:
+                self.done.pop(name, None)
+            self.sources[rel] = digest
+            self._save()
 
     def save(self) -> None:
+        with self.lock:
+            self._save()
+
+    def _save(self) -> None:
+        data = {"fingerprint": self.fingerprint, "done": self.done, "sources": self.sources}
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {"fingerprint": self.fingerprint, "done": self.done}, indent=2, sort_keys=True
-            )
-        )
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
         os.replace(tmp, self.path)
 
 
-def finished_shards(progress: Progress, dst: Path) -> set[str]:
-    """Shards recorded as done whose file still has the recorded hash."""
+def finished_shards(progress: Progress, dst: Path, names: list[str]) -> set[str]:
+    """Shards recorded as done (among this plan's shard ``names``) whose file still has the
+    recorded hash."""
     ok = set()
     for name, digest in progress.done.items():
         path = dst / name
-        if path.is_file() and sha256_file(path) == digest:
+        if name in names and path.is_file() and sha256_file(path) == digest:
             ok.add(name)
     return ok
 
@@ -104,7 +136,7 @@ def _quantize(item: Item, tensor: torch.Tensor, device: torch.device) -> dict[st
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     if item.fmt is None:
-        return {item.info.name: tensor}
+        return {item.info.name: tensor if item.dtype is None else tensor.to(item.dtype)}
     weight = tensor.to(device=device, dtype=torch.bfloat16)
     quantized = item.fmt.quantize(weight, name=item.info.name.removesuffix(".weight"))
     flat, meta = flatten_tensor_state_dict({item.info.name: quantized})
@@ -170,8 +202,7 @@ def stream(
                 files[name].put(key, t)
             if last:
                 files.pop(name).close()
-                progress.done[name] = sha256_file(dst / name)
-                progress.save()
+                progress.record_shard(name, sha256_file(dst / name))
 
         try:
             next_read = reader.submit(read, work[0][2]) if work else None
@@ -210,6 +241,9 @@ def plan_digest(plan: Plan) -> str:
     """A hash of everything the plan decides: layers, formats, shard assignment."""
     data = {
         "layers": [[x.name, x.action, x.reason] for x in plan.layers],
-        "shards": [[[i.info.name, i.fmt.name if i.fmt else None] for i in s] for s in plan.shards],
+        "shards": [
+            [[i.info.name, i.fmt.name if i.fmt else (str(i.dtype) if i.dtype else None)] for i in s]
+            for s in plan.shards
+        ],
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
