@@ -297,7 +297,7 @@ def test_class_names_that_are_not_models(small: Path, name: str) -> None:
     ("key", "value", "message"),
     [("num_layers", "19", "num_layers = \"19\" is a str"),
      ("guidance_embeds", "yes", "guidance_embeds = \"yes\" is a str, but FluxTransformer2DModel"),
-     ("axes_dims_rope", 5, "axes_dims_rope = 5 is a int"),
+     ("axes_dims_rope", "16,56,56", "axes_dims_rope = \"16,56,56\" is a str"),
      ("attention_head_dim", 1.5, "attention_head_dim = 1.5 is a float"),
      ("num_attention_heads", -1, "cannot be built from it (RuntimeError")],
 )
