@@ -330,6 +330,13 @@ def test_a_second_run_into_the_same_output_is_refused(real: Path, tmp_path: Path
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the lock file went with it
     run(real, out)  # and the output is free again
+    # A lock file planted as a link is never followed (nor written through).
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (tmp_path / ".other.qconvert-lock").symlink_to(victim)
+    with pytest.raises(OutputError, match="cannot create the output's lock file"):
+        run(real, tmp_path / "other")
+    assert victim.read_text() == "keep" and not (tmp_path / "other").exists()
 
 
 def test_overwrite_refuses_the_source_and_folders_that_are_not_ours(
