@@ -109,9 +109,16 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     result = run("flux", "--format", "nvfp4", "--tiny", "-o", str(out))
     assert result.exit_code != 0 and "already exists; pass --overwrite" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only a previous qconvert output, never a folder that is not ours.
+    result = run("flux", "--format", "mxfp8", "--tiny", "-o", str(out), "--overwrite", "-q")
+    assert result.exit_code != 0 and "not a qconvert output" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert run("flux", "--format", "nvfp4", "--tiny", "-o", str(out), "-q").exit_code == 0
     result = run("flux", "--format", "mxfp8", "--tiny", "-o", str(out), "--overwrite", "-q")
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "qconvert.json").is_file()
+    assert json.loads((out / "qconvert.json").read_text())["format"]["name"] == "mxfp8"
 
 
 def test_interruption_keeps_finished_shards_for_resume(
@@ -160,6 +167,10 @@ def test_wrong_family(source_copy: Path, tmp_path: Path) -> None:
     config = json.loads(config_path.read_text())
     config["_class_name"] = "SD3Transformer2DModel"
     config_path.write_text(json.dumps(config))
+    index_path = source_copy / "model_index.json"  # consistent, else that is the error
+    index = json.loads(index_path.read_text())
+    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    index_path.write_text(json.dumps(index))
     out = tmp_path / "o"
     result = run("flux", "--format", "nvfp4", "--source", str(source_copy), "-o", str(out))
     assert_failed_cleanly(result, out, "is a SD3Transformer2DModel, not a FluxTransformer2DModel")

@@ -35,11 +35,12 @@ from qconvert.tiny.synthetic import write_flux_source
 ALICE = "hf_test_alice_write_0c4a1f2e"
 EVIL = "hf_test_evil_write_77aa01bc"
 UPLOAD = """
-import sys
+import json, sys
 from huggingface_hub import HfApi
 api = HfApi()
-api.create_repo(sys.argv[1], exist_ok=True)
-api.upload_folder(repo_id=sys.argv[1], folder_path=sys.argv[2], commit_message="x")
+for repo_id, folder in json.loads(sys.argv[1]).items():
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="x")
 """
 DRIVER = r"""
 import json, os, sys
@@ -56,6 +57,19 @@ from qconvert.cli import main
 results = []
 for args in json.loads(sys.argv[1]):
     OPENED.clear()
+    if isinstance(args, str):  # a Python step: what it prints is its output
+        import contextlib, io
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                exec(args, {})
+            code = 0
+        except Exception as e:
+            out.write(f"{type(e).__name__}: {e}\n")
+            code = 1
+        results.append({"code": code, "output": out.getvalue(), "error": None,
+                        "opened": sorted(set(OPENED))})
+        continue
     run = CliRunner().invoke(main, args)
     error = None if isinstance(run.exception, (SystemExit, type(None))) else repr(run.exception)
     results.append({"code": run.exit_code, "output": run.output, "error": error,
@@ -127,39 +141,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory, outside: Path) -> Iterator[Hub
         model_index["../" * 12 + str(outside.parent).lstrip("/")] = ["diffusers", "AutoencoderKL"]
         (key / "model_index.json").write_text(json.dumps(model_index))
         repos["evil/key"] = key
-        for repo_id, folder in repos.items():
-            with tempfile.TemporaryDirectory() as home:
-                subprocess.run(
-                    [sys.executable, "-c", UPLOAD, repo_id, str(folder)],
-                    env=client_env(server, Path(home), EVIL), check=True, timeout=120,
-                )
+        with tempfile.TemporaryDirectory() as home:
+            subprocess.run(
+                [sys.executable, "-c", UPLOAD, json.dumps({k: str(v) for k, v in repos.items()})],
+                env=client_env(server, Path(home), EVIL), check=True, timeout=120,
+            )
         yield server
     assert not server.errors, server.errors
-
-
-def test_a_malicious_hub_repo_reads_and_pushes_nothing_outside(
-    hub: HubServer, outside: Path, tmp_path: Path
-) -> None:
-    hub.requests.clear()
-    steps = [
-        ["flux", "--format", "nvfp4", "--source", repo, "-o", str(tmp_path / repo), "-q",
-         "--push", "--repo-id", f"alice/{repo.split('/')[1]}"]
-        for repo in ("evil/absolute", "evil/relative", "evil/key")
-    ]
-    results = drive(hub, steps)
-    messages = [last_line(r) for r in results]
-    assert all(r["code"] == 1 for r in results), messages
-    assert f"weight_map entry (tensor 'x_embedder.weight') {str(outside)!r} is an absolute" \
-        in messages[0]
-    assert "weight_map entry (tensor 'x_embedder.weight')" in messages[1]
-    assert "climbs out with '..'" in messages[1]
-    assert "is not a plain folder name" in messages[2]
-    private = str(outside.parent.resolve())
-    for r in results:
-        assert not [p for p in r["opened"] if p.startswith(private)], r["opened"]
-    assert not [k for k in hub.repos if k[1].startswith("alice/")]  # nothing pushed
-    assert not [r for r in hub.requests if "/commit/" in r.path or "preupload" in r.path]
-    assert not (tmp_path / "evil").exists()  # not even the empty folders of -o
 
 
 @pytest.fixture(scope="module")
@@ -170,32 +158,70 @@ def output(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert(out, source=src, fmt="nvfp4", progress=False, command="test").output
 
 
-def test_tokens_are_stripped_checked_and_never_shown(
-    hub: HubServer, output: Path, tmp_path: Path
-) -> None:
-    token_file = tmp_path / "token"
+MALICIOUS = ("evil/absolute", "evil/relative", "evil/key")
+
+
+@pytest.fixture(scope="module")
+def hub_runs(
+    hub: HubServer, output: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The runs against the loopback Hub, in two client processes (a process costs seconds of
+    imports): the malicious repos converted with --push (HF_TOKEN set, so the push would go),
+    then pushes with tokens in various shapes (no HF_TOKEN)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    token_file = tmp / "token"
     token_file.write_text(ALICE + "\n")  # a token file read as is
-    api = (
+    steps: list[Any] = [
+        ["flux", "--format", "nvfp4", "--source", repo, "-o", str(tmp / repo), "-q",
+         "--push", "--repo-id", f"alice/{repo.split('/')[1]}"]
+        for repo in MALICIOUS
+    ]
+    first = len(hub.requests)
+    results = drive(hub, steps, token=ALICE)
+    malicious_requests = list(hub.requests[first:])
+    results += drive(hub, [
         "from pathlib import Path\nfrom qconvert.hub import push\n"
         f"r = push({str(output)!r}, 'alice/api', token=Path({str(token_file)!r}).read_text())\n"
-        "print('pushed', r.repo_id)\n"
-    )
-    with tempfile.TemporaryDirectory() as home:
-        proc = subprocess.run([sys.executable, "-c", api], env=client_env(hub, Path(home), None),
-                              text=True, capture_output=True, timeout=300, check=False)
-    assert proc.returncode == 0 and "pushed alice/api" in proc.stdout, proc.stderr[-2000:]
-    results = drive(hub, [
+        "print('pushed', r.repo_id)\n",
         ["push", str(output), "--repo-id", "alice/cli", "--token", ALICE + "\n", "-q"],
         ["push", str(output), "--repo-id", "alice/x", "--token", "hf_two words", "-q"],
         ["push", str(output), "--repo-id", "alice/x", "--token", ALICE[:8] + "\x00\r\n", "-q"],
     ], token=None)
-    assert results[0]["code"] == 0 and hub.head("alice/cli"), results[0]
-    for r in results[1:]:
+    return {"results": results, "tmp": tmp, "requests": malicious_requests}
+
+
+def test_a_malicious_hub_repo_reads_and_pushes_nothing_outside(
+    hub: HubServer, hub_runs: dict[str, Any], outside: Path
+) -> None:
+    results = hub_runs["results"][:3]
+    messages = [last_line(r) for r in results]
+    assert all(r["code"] == 1 for r in results), messages
+    assert f"weight_map entry (tensor 'x_embedder.weight') {str(outside)!r} is an absolute" \
+        in messages[0]
+    assert "weight_map entry (tensor 'x_embedder.weight')" in messages[1]
+    assert "climbs out with '..'" in messages[1]
+    assert "is not a plain folder name" in messages[2]
+    private = str(outside.parent.resolve())
+    for r in results:
+        assert not [p for p in r["opened"] if p.startswith(private)], r["opened"]
+    for repo in MALICIOUS:
+        assert hub.head(f"alice/{repo.split('/')[1]}") is None  # nothing pushed
+    assert not [r for r in hub_runs["requests"] if "/commit/" in r.path or "preupload" in r.path]
+    assert not (hub_runs["tmp"] / "evil").exists()  # not even the empty folders of -o
+
+
+def test_tokens_are_stripped_checked_and_never_shown(
+    hub: HubServer, hub_runs: dict[str, Any]
+) -> None:
+    api, cli_ok, *bad = hub_runs["results"][3:]
+    assert api["code"] == 0 and "pushed alice/api" in api["output"], api
+    assert cli_ok["code"] == 0 and hub.head("alice/cli") and hub.head("alice/api"), cli_ok
+    for r in bad:
         line = last_line(r)
         assert r["code"] == 1 and "holds spaces, control or non-ASCII characters" in line
         assert "network" not in line and "words" not in r["output"] and ALICE[:8] not in line
-    for r in results:
-        assert ALICE not in r["output"]
+    for r in hub_runs["results"]:
+        assert ALICE not in r["output"] and EVIL not in r["output"]
 
 
 def test_scrub_removes_every_form_of_the_token() -> None:
@@ -205,14 +231,14 @@ def test_scrub_removes_every_form_of_the_token() -> None:
         assert ALICE[:-3] not in _scrub(text, token), text
 
 
-def test_an_unreachable_hub_is_one_line(output: Path, tmp_path: Path) -> None:
+def test_an_unreachable_hub_is_one_line(tmp_path: Path) -> None:
+    """The download and header paths (a push that cannot reach the Hub is test_push's)."""
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
     results = drive(None, [
         ["flux", "--format", "nvfp4", "--source", "org/repo", "-o", str(tmp_path / "a/x"), "-q"],
         ["plan", "flux", "--format", "nvfp4", "--source", "org/repo"],
-        ["push", str(output), "--repo-id", "alice/x", "--token", ALICE, "-q"],
     ], token=None, endpoint=endpoint)
     for r in results:
         line = last_line(r)

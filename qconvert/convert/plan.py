@@ -142,16 +142,17 @@ def check_config(source: Source, cls: type[torch.nn.Module]) -> dict[str, object
         if key.startswith("_") or param is None or value is None:
             continue
         default = param.default
+        number = isinstance(value, int | float) and not isinstance(value, bool)
         if isinstance(default, bool):
-            ok = isinstance(value, bool)
+            ok = isinstance(value, int)  # a bool, or 0 / 1
         elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = number and (isinstance(value, int) or value.is_integer())
         elif isinstance(default, float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = number
         elif isinstance(default, str):
             ok = isinstance(value, str)
         elif isinstance(default, tuple | list):
-            ok = isinstance(value, list)
+            ok = isinstance(value, list | tuple) or number  # some take one number for all
         else:
             ok = True
         if not ok:

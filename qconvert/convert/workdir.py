@@ -63,7 +63,13 @@ def _lock_file(output: Path) -> Path:
 
 def _acquire(path: Path, output: Path) -> int:
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise OutputError(
+                f"{path}: cannot create the output's lock file ({e.strerror}); write the output "
+                f"somewhere you can write to"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
