@@ -338,7 +338,7 @@ def test_an_interrupted_build_resumes(
     code, interrupted = offline.run(out)
     assert code == 130 and interrupted["status"] == "interrupted"
     assert "re-run the same build to resume" in interrupted["error"]
-    partial = [p for p in state.iterdir() if p.name != "build.json"]
+    partial = [p for p in state.iterdir() if p.name.endswith(".qconvert-partial")]
     assert len(partial) == 1 and not (state / "output").exists()
     done = json.loads((partial[0] / "progress.json").read_text())["done"]
     assert len(done) >= 2
@@ -376,7 +376,7 @@ def test_a_killed_build_resumes(
     proc = subprocess.run([sys.executable, "-c", KILL, *args], capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     state = out / "tiny-flux-mxfp8"
-    partial = [p for p in state.iterdir() if p.name != "build.json"]
+    partial = [p for p in state.iterdir() if p.name.endswith(".qconvert-partial")]
     assert len(partial) == 1 and (state / "build.json").is_file()
     assert json.loads((partial[0] / "progress.json").read_text())["done"]
     code, resumed = offline.run(out)
