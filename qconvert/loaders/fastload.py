@@ -236,8 +236,8 @@ def _quantized(meta: dict[str, Any], pieces: dict[str, torch.Tensor], key: str) 
 
     module, attr = key.rsplit(".", 1)
     prefix = f"{module}._{attr}_"
-    meta["_data"].update({name[len(prefix) :]: t for name, t in pieces.items()})
-    return torch.nn.Parameter(object_from_dict(meta))
+    data = {**meta["_data"], **{name[len(prefix) :]: t for name, t in pieces.items()}}
+    return torch.nn.Parameter(object_from_dict({**meta, "_data": data}))  # meta keeps no tensor
 
 
 @dataclass
@@ -336,20 +336,24 @@ class FastLoad:
                 key = lay.owner[entry.name]
                 parts = arrived.setdefault(key, {})
                 parts[entry.name] = tensor
-                if len(parts) == len(lay.tensors[key].pieces):
+                del tensor, parts
+                if len(arrived[key]) == len(lay.tensors[key].pieces):
                     build.put(key, arrived.pop(key))
+        counts = build.counts
+        del build  # it references replaced modules: let them go now
         model = sk.model
         for module in model.modules():  # buffers made at init (non-persistent), as .to() would
             for name, buf in module._buffers.items():
                 if buf is not None and buf.device != device:
                     module._buffers[name] = buf.to(device)
         fused = 0
-        if self.fuse_qkv and any(path is runtime.FP8_FAST for _, path, _ in build.counts):
+        if self.fuse_qkv and any(path is runtime.FP8_FAST for _, path, _ in counts):
             from qconvert.loaders.fp8 import FUSABLE, fuse_projections
 
-            for module in list(model.modules()):  # one at a time: each frees its unfused copies
-                if type(module).__name__ in FUSABLE:
-                    fused += fuse_projections(module)
+            # One module at a time, holding no reference to the parts: each fusion frees its
+            # unfused copies at once (nothing waits for gc.collect).
+            for attention in [m for m in model.modules() if type(m).__name__ in FUSABLE]:
+                fused += fuse_projections(attention)
         sk.quantizer.postprocess_model(model)
         model.hf_quantizer = sk.quantizer
         if self.device_map is not None:
@@ -361,5 +365,5 @@ class FastLoad:
 
             parts = [self.load_id.get(f) for f in DIFFUSERS_LOAD_ID_FIELDS]
             model._diffusers_load_id = "|".join("null" if p is None else p for p in parts)
-        self.paths = runtime.report(build.counts, device, fused)
+        self.paths = runtime.report(counts, device, fused)
         return model
