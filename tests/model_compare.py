@@ -1,4 +1,4 @@
-""""The same model": one deep comparison of two loaded models (or pipelines) for the loader
+"""One deep comparison for "the same model" of two loaded models (or pipelines), for the loader
 tests — module names, order and types, every attribute, every parameter and buffer (type,
 Parameter-ness, requires_grad, dtype, shape, stride, device, bytes; torchao subclasses piece
 by piece and attribute by attribute), the config and the diffusers quantizer."""

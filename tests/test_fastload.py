@@ -70,7 +70,8 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         module.build(root / "src", seed=0)
         recipe = root / "mixed.toml"
         rules = "".join(
-            f'[[rule]]\npattern = "{p}"\nformat = "{f}"\nreason = "test"\n' for p, f in MIXED[family]
+            f'[[rule]]\npattern = "{p}"\nformat = "{f}"\nreason = "test"\n'
+            for p, f in MIXED[family]
         )
         recipe.write_text(f'format = "nvfp4"\n{rules}'.replace("\\", "\\\\"))
         result = convert(
@@ -113,7 +114,7 @@ def test_the_comparison_sees_differences(converted: dict[str, Path]) -> None:
     ref = old_path(converted["nvfp4"], "cpu")
     ours = fast_path(converted["nvfp4"], "cpu")
     ours.transformer_blocks[0].attn.to_q.weight.qdata.view(-1)[7] ^= 1
-    with pytest.raises(AssertionError, match="to_q.weight.qdata: values differ"):
+    with pytest.raises(AssertionError, match=r"to_q\.weight\.qdata: values differ"):
         same_model(ours, ref)
     ours = fast_path(converted["nvfp4"], "cpu")
     ours.transformer_blocks[0].attn.to_q.weight.act_quant_kwargs = object()

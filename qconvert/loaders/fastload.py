@@ -93,9 +93,8 @@ def layout(folder: Path, root: Path) -> Layout:
     except ManifestError:
         raise Unsupported(f"{root}: no qconvert.json, not a qconvert output") from None
     if manifest.get("schema") != SCHEMA:
-        raise Unsupported(
-            f"{root}: qconvert.json schema {manifest.get('schema')!r} (this qconvert reads {SCHEMA})"
-        )
+        schema = manifest.get("schema")
+        raise Unsupported(f"{root}: qconvert.json schema {schema!r} (this qconvert reads {SCHEMA})")
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -134,7 +133,9 @@ def layout(folder: Path, root: Path) -> Layout:
             pieces = [f"{module}._{attr}_{s}" for s in meta.get("_tensor_data_names", [])]
             tensors[key] = Tensor(key, meta, pieces)
         else:
-            raise Unsupported(f"tensor {key!r}: torchao type {kind!r} is not one the fast path builds")
+            raise Unsupported(
+                f"tensor {key!r}: torchao type {kind!r} is not one the fast path builds"
+            )
     owner = {p: t.key for t in tensors.values() for p in t.pieces}
     missing = [p for p in owner if p not in entries]
     extra = sorted(entries.keys() - owner.keys())
@@ -171,7 +172,9 @@ def skeleton(lay: Layout, dtype: torch.dtype, device_map: dict[str, Any] | None)
     config["quantization_config"] = DiffusersAutoQuantizer.merge_quantization_configs(
         config["quantization_config"], None
     )
-    quantizer = DiffusersAutoQuantizer.from_config(config["quantization_config"], pre_quantized=True)
+    quantizer = DiffusersAutoQuantizer.from_config(
+        config["quantization_config"], pre_quantized=True
+    )
     quantizer.validate_environment(torch_dtype=dtype, device_map=device_map)
     dtype = quantizer.update_torch_dtype(dtype)
     device_map = quantizer.update_device_map(device_map)

@@ -184,7 +184,9 @@ class Stream:
     ) -> None:
         self.reader = reader or os.environ.get("QCONVERT_LOAD_READER", "pread")
         if self.reader not in ("pread", "safetensors"):
-            raise ValueError(f"QCONVERT_LOAD_READER must be pread or safetensors, not {self.reader!r}")
+            raise ValueError(
+                f"QCONVERT_LOAD_READER must be pread or safetensors, not {self.reader!r}"
+            )
         self.entries = entries
         self.device = device
         self.threads = threads or default_threads()
