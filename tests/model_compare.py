@@ -75,8 +75,10 @@ def same_config(a: Any, b: Any, where: str) -> None:
         assert type(qa) is type(qb) and qa.to_dict() == qb.to_dict(), f"{where}: quant config"
 
 
-def same_model(a: torch.nn.Module, b: torch.nn.Module, where: str = "model") -> None:
-    """Equal in every respect a user or a kernel could see."""
+def same_model(
+    a: torch.nn.Module, b: torch.nn.Module, where: str = "model", ignore: tuple[str, ...] = ()
+) -> None:
+    """Equal in every respect a user or a kernel could see (but the ``ignore``d attributes)."""
     mods_a, mods_b = list(a.named_modules()), list(b.named_modules())
     assert [n for n, _ in mods_a] == [n for n, _ in mods_b], f"{where}: module names/order"
     for (name, ma), (_, mb) in zip(mods_a, mods_b, strict=True):
@@ -91,7 +93,7 @@ def same_model(a: torch.nn.Module, b: torch.nn.Module, where: str = "model") -> 
         assert ma._non_persistent_buffers_set == mb._non_persistent_buffers_set, here
         hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
         assert all(len(getattr(ma, h)) == len(getattr(mb, h)) for h in hooks), f"{here}: hooks"
-        extra = {"hf_quantizer", "config"}
+        extra = {"hf_quantizer", "config", *ignore}
         da = {k: v for k, v in ma.__dict__.items() if k not in extra}
         db = {k: v for k, v in mb.__dict__.items() if k not in extra}
         same_attributes(da, db, here)

@@ -8,6 +8,7 @@ damaged files. The Hub path is in test_fastload_hub.py."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -208,22 +209,29 @@ def test_lone_transformer_and_pieces_split_across_shards(
     assert type(load_transformer(dst, device="cpu")).__name__ == "FluxTransformer2DModel"
 
 
-def test_safetensors_reader_gives_the_same_model(converted: dict[str, Path]) -> None:
-    same_model(
-        fast_path(converted["fp8"], "sm89", reader="safetensors"),
-        fast_path(converted["fp8"], "sm89"),
-    )
-
-
-def test_stream_chunks_and_threads(
+def test_other_readers_give_the_same_model(
     converted: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Tensors spanning many chunks, read by several threads, come back byte for byte."""
+    """safe_open(device=...) (QCONVERT_LOAD_READER=safetensors) and the staged reads of the
+    CUDA path build the same model as the CPU path's in-place reads."""
+    ref = fast_path(converted["fp8"], "sm89")
+    same_model(fast_path(converted["fp8"], "sm89", reader="safetensors"), ref)
+    monkeypatch.setattr(fastload, "Stream", functools.partial(reading.Stream, staged=True))
+    same_model(fast_path(converted["fp8"], "sm89"), ref)
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_stream_chunks_and_threads(
+    staged: bool, converted: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors spanning many chunks, read by several threads, come back byte for byte, read
+    in place (the CPU path) or through two staging buffers per thread (the CUDA path's logic:
+    a buffer is refilled while the other's copy runs)."""
     monkeypatch.setattr(reading, "CHUNK", 4099)
     files = fastload.shard_files(converted["mxfp8"] / "transformer")[:2]
     entries = [e for f in files for e in reading.read_header(f)[0].values()]
     want = {k: v for f in files for k, v in load_file(f).items()}
-    with reading.Stream(entries, CPU, threads=3) as stream:
+    with reading.Stream(entries, CPU, threads=3, staged=staged) as stream:
         got = dict((e.name, t) for e, t in stream)
     assert got.keys() == want.keys()
     for name, t in want.items():
