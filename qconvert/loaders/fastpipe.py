@@ -106,14 +106,20 @@ def transformer(
 
 
 def _components(
-    root: Path, model: Any, dev: torch.device, dtype: torch.dtype
+    folder: str, model: Any, dev: torch.device, dtype: torch.dtype
 ) -> Any:  # runs in the components thread
     from diffusers import DiffusionPipeline
 
-    device_map = str(dev) if dev.type == "cuda" else None  # straight to the GPU
-    return DiffusionPipeline.from_pretrained(
-        str(root), transformer=model, dtype=dtype, device_map=device_map
+    # Straight to the GPU where diffusers can (its pipeline device_map takes "cuda", no index).
+    device_map = "cuda" if str(dev) == "cuda" else None
+    pipe = DiffusionPipeline.from_pretrained(
+        folder, transformer=model, dtype=dtype, device_map=device_map
     )
+    if device_map is None:
+        for name, part in pipe.components.items():
+            if name != TRANSFORMER and isinstance(part, torch.nn.Module):
+                part.to(dev)
+    return pipe
 
 
 def pipeline(path_or_repo: str | Path, dev: torch.device, kwargs: dict[str, Any]) -> Any | None:
@@ -126,9 +132,10 @@ def pipeline(path_or_repo: str | Path, dev: torch.device, kwargs: dict[str, Any]
     if why:
         _fallback(path_or_repo, why)
         return None
-    root = Path(str(path_or_repo))
+    root = where = Path(str(path_or_repo))
     if not root.is_dir():  # what DiffusionPipeline.from_pretrained itself would download
         root = Path(DiffusionPipeline.download(str(path_or_repo), **_hub(kwargs)))
+    folder = str(path_or_repo) if root == where else str(root)  # as diffusers would name it
     try:
         index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
         library = index[TRANSFORMER][0]
@@ -139,23 +146,19 @@ def pipeline(path_or_repo: str | Path, dev: torch.device, kwargs: dict[str, Any]
         _fallback(path_or_repo, f"the transformer is a {library} model")
         return None
     dtype = kwargs.get("dtype", torch.bfloat16)
-    fast = FastLoad(root / TRANSFORMER, root, dev, os.path.join(str(root), TRANSFORMER), dtype)
+    fast = FastLoad(root / TRANSFORMER, root, dev, os.path.join(folder, TRANSFORMER), dtype)
     try:
         model = fast.begin()
     except Unsupported as exc:
         _fallback(path_or_repo, str(exc))
         return None
     with ThreadPoolExecutor(1, thread_name_prefix="qconvert-components") as pool:
-        others = pool.submit(_components, root, model, dev, dtype)
+        others = pool.submit(_components, folder, model, dev, dtype)
         try:
             fast.finish()
         except BaseException:
             others.exception()  # let it end; the first error is the one to see
             raise
         pipe = others.result()
-    if dev.type != "cuda":
-        for name, part in pipe.components.items():
-            if name != TRANSFORMER and isinstance(part, torch.nn.Module):
-                part.to(dev)
     pipe.register_to_config(_name_or_path=str(path_or_repo))
     return pipe
