@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from qconvert.contain import inside
 from qconvert.errors import ManifestError
 from qconvert.loaders import runtime
 from qconvert.loaders.reading import Entry, ReadError, Stream, UnknownDtype, read_header
@@ -74,12 +75,9 @@ def shard_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ReadError(f"{index}: not a safetensors index (no weight_map)") from None
-        for name in names:
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-                raise ReadError(f"{index}: shard name {name!r} is not a file in {folder}")
-        return [folder / n for n in names]
+        return [inside(folder, n, f"{index}: weight_map entry") for n in names]
     if (folder / WEIGHTS).is_file():
         return [folder / WEIGHTS]
     raise Unsupported(f"{folder}: no {WEIGHTS} (or its index)")
@@ -90,8 +88,8 @@ def layout(folder: Path, root: Path) -> Layout:
     cannot build this output."""
     try:
         manifest = load_manifest(root)
-    except ManifestError:
-        raise Unsupported(f"{root}: no qconvert.json, not a qconvert output") from None
+    except ManifestError as exc:  # none (not ours) or unreadable: diffusers may still load it
+        raise Unsupported(str(exc)) from None
     if manifest.get("schema") != SCHEMA:
         schema = manifest.get("schema")
         raise Unsupported(f"{root}: qconvert.json schema {schema!r} (this qconvert reads {SCHEMA})")
