@@ -1,8 +1,12 @@
 """Load qconvert checkpoints into diffusers and pick the kernels this device can run.
 
-diffusers does all the loading (``from_pretrained`` reads the torchao-flattened safetensors and
-rebuilds the tensor subclasses; nothing is quantized at load); ``runtime.prepare`` then points
-each quantized weight at the path the device runs (see ``runtime.TABLE``).
+qconvert outputs take the fast path (``fastload``: shards read straight to the device, torchao
+subclasses built from the shard metadata, each quantized Linear switched to its runtime path
+as it arrives; ``fastpipe``: Hub snapshots, the pipeline's other components loaded alongside).
+It builds what the compatibility path builds: diffusers' ``from_pretrained`` (which reads the
+torchao-flattened safetensors and rebuilds the subclasses; nothing is quantized at load), then
+``runtime.prepare``, which points each quantized weight at the path the device runs (see
+``runtime.TABLE``). Anything the fast path cannot represent goes that way, logged in one line.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 
 import torch
 
+from qconvert.loaders import fastpipe
 from qconvert.loaders.runtime import TABLE, device_class, prepare
 
 __all__ = ["TABLE", "device_class", "load_pipeline", "load_transformer", "prepare"]
@@ -42,11 +47,15 @@ def _has_root_config(path_or_repo: str | Path, kwargs: dict[str, Any]) -> bool:
 def load_pipeline(
     path_or_repo: str | Path, device: str | torch.device | None = "auto", **kwargs: Any
 ) -> Any:
-    """``DiffusionPipeline.from_pretrained`` + device preparation of the quantized weights."""
+    """``DiffusionPipeline.from_pretrained`` + device preparation of the quantized weights
+    (a qconvert output: the same pipeline, through the fast path)."""
     from diffusers import DiffusionPipeline
 
     dev = _device(device)
     kwargs.setdefault("dtype", torch.bfloat16)
+    fast = fastpipe.pipeline(path_or_repo, dev, kwargs)  # None: not for the fast path (logged)
+    if fast is not None:
+        return fast
     pipe = DiffusionPipeline.from_pretrained(str(path_or_repo), **kwargs)
     pipe.to(dev)
     prepare(pipe.transformer, dev)
@@ -64,9 +73,12 @@ def load_transformer(
     from diffusers import AutoModel
 
     dev = _device(device)
+    kwargs.setdefault("dtype", torch.bfloat16)
+    fast = fastpipe.transformer(path_or_repo, dev, subfolder, kwargs)  # None: not for it (logged)
+    if fast is not None:
+        return fast
     if subfolder is None and not _has_root_config(path_or_repo, kwargs):
         subfolder = "transformer"
-    kwargs.setdefault("dtype", torch.bfloat16)
     if dev.type == "cuda":  # straight to the GPU: bf16 weights are never staged on the host
         kwargs.setdefault("device_map", str(dev))
     if subfolder:

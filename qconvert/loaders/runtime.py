@@ -227,3 +227,23 @@ def prepare(
         # reference cycles; without this they outlive the load until Python's next collection.
         gc.collect()
     return {kind: path.name for kind, path, _ in counts}
+
+
+def report(
+    counts: dict[tuple[str, Path, str], int], device: torch.device, fused: int = 0
+) -> dict[str, str]:
+    """The log lines ``prepare`` writes, for a loader that applied the paths itself
+    (``fastload``): {(tensor type, path, why): count} and the fused attention modules.
+    Returns what ``prepare`` returns."""
+    for (kind, path, why), n in sorted(counts.items(), key=lambda kv: kv[0][0]):
+        log.warning(
+            "qconvert: %d %s weights on %s run %s: %s (%s)",
+            n, kind, device, path.name, _describe(path), why,
+        )  # fmt: skip
+    if fused:
+        log.warning(
+            "qconvert: fused q/k/v of %d attention modules into one FP8 GEMM each "
+            "(one activation quantization per input; exact: rowwise weights)",
+            fused,
+        )
+    return {kind: path.name for kind, path, _ in counts}
