@@ -72,6 +72,13 @@ class SavedLayout:
         pieces = {n: (getattr(weight, n).dtype, getattr(weight, n).shape) for n in names}
         return cls(type(weight), dict(attrs), weight.shape, pieces)
 
+    def unswizzled(self, block: int) -> SavedLayout:
+        """The same tensor with row-major block scales (``[N, K / block]``, not swizzled)."""
+        dtype, _ = self.pieces["scale"]
+        n, k = (int(d) for d in self.size)
+        pieces = {**self.pieces, "scale": (dtype, torch.Size([n, k // block]))}
+        return SavedLayout(self.cls, {**self.attrs, "is_swizzled_scales": False}, self.size, pieces)
+
     def build(self, inner: dict[str, torch.Tensor]) -> torch.Tensor:
         """The torchao tensor from ``inner`` pieces, each viewed as saved (dtype, shape)."""
         data = {}
@@ -96,7 +103,8 @@ def default_layout(fmt: str, n: int, k: int) -> SavedLayout:
     tensor), for runtime modules built from bare pieces rather than a loaded weight."""
     cls, attrs = _probe_attrs(fmt, k)
     pieces = {
-        name: (dtype, torch.Size(shape)) for name, (dtype, shape) in FORMATS[fmt].pieces((n, k)).items()
+        name: (dtype, torch.Size(shape))
+        for name, (dtype, shape) in FORMATS[fmt].pieces((n, k)).items()
     }
     return SavedLayout(cls, attrs, torch.Size([n, k]), pieces)
 
@@ -117,7 +125,9 @@ class RuntimeLinear(nn.Linear):
     """Base of qconvert's runtime Linears: an ``nn.Linear`` (for PEFT, diffusers, ``quantize_``)
     whose ``weight`` is the saved torchao tensor, rebuilt on access from the runtime buffers.
 
-    Subclasses implement ``torchao_weight()`` (the saved tensor) and ``set_dense_weight(w)``
+    Subclasses implement ``torchao_weight(saved)`` (``saved``: the tensor as the file holds it,
+    for ``state_dict``; else the same values in the runtime's layout, sharing its buffers: what
+    ``weight`` returns, cheap enough for PEFT's many reads) and ``set_dense_weight(w)``
     (requantize a dense bf16 weight into the buffers); they never call ``nn.Linear.__init__``
     (no dense weight is ever allocated). Buffers never change dtype: ``.to(dtype)`` /
     ``.half()`` on these modules raises, ``.to(device)`` moves them.
@@ -130,7 +140,7 @@ class RuntimeLinear(nn.Linear):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
 
-    def torchao_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+    def torchao_weight(self, saved: bool = True) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:  # pragma: no cover - abstract
@@ -138,9 +148,9 @@ class RuntimeLinear(nn.Linear):
 
     @property  # type: ignore[override]
     def weight(self) -> torch.Tensor:
-        """The torchao tensor the checkpoint holds for this layer (shares the kernels' data
-        where the layouts agree; NVFP4/MX block scales are re-swizzled into a new tensor)."""
-        return self.torchao_weight()
+        """This layer's torchao tensor: the checkpoint's values, in the runtime's layout, sharing
+        the kernels' buffers (``state_dict`` gives the file's layout)."""
+        return self.torchao_weight(saved=False)
 
     @weight.setter
     def weight(self, value: torch.Tensor) -> None:
@@ -166,7 +176,7 @@ class RuntimeLinear(nn.Linear):
         super().__delattr__(name)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        weight = self.torchao_weight()
+        weight = self.torchao_weight(saved=True)
         destination[prefix + "weight"] = weight if keep_vars else weight.detach()
         bias = self.bias
         if bias is not None:

@@ -65,6 +65,8 @@ BIAS_EPILOGUE_MIN_N = 3072  # N = 64, K = 20000 was refused with a bias up to M 
 def bias_in_epilogue(m: int, n: int) -> bool:
     """Whether compiled code fuses the bias into torch._scaled_mm (else adds it after)."""
     return m >= BIAS_EPILOGUE_MIN_M and n >= BIAS_EPILOGUE_MIN_N
+
+
 STRATEGIES = ("scaled_mm", "scaled_mm, bias after", "mslk", "scaled_mm, rows padded to 16",
               "dequantize")  # fmt: skip
 _PLAN: dict[tuple[int, int, int, bool, int | None], str] = {}
@@ -200,8 +202,8 @@ class Fp8RowwiseLinear(RuntimeLinear):
         w_scale = scale.detach().float().reshape(1, n).contiguous()
         self.register_buffer("w_scale", w_scale, persistent=False)
 
-    def torchao_weight(self) -> torch.Tensor:
-        """The ``Float8Tensor`` as saved, sharing this module's data."""
+    def torchao_weight(self, saved: bool = True) -> torch.Tensor:
+        """The ``Float8Tensor`` as saved, sharing this module's data (one layout here)."""
         return self.layout.build({"qdata": self.qdata, "scale": self.w_scale})
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
@@ -301,10 +303,13 @@ class Fp8RowwiseSlice(Fp8RowwiseLinear):
         b = self._owner.bias
         return None if b is None else b[self.start : self.stop]
 
-    def torchao_weight(self) -> torch.Tensor:
-        """This projection's ``Float8Tensor`` as saved, as its own (copied) tensors: views into
-        the fused weight would share storage, which safetensors refuses to save."""
-        return self.layout.build({"qdata": self.qdata.clone(), "scale": self.w_scale.clone()})
+    def torchao_weight(self, saved: bool = True) -> torch.Tensor:
+        """This projection's ``Float8Tensor``: views into the fused weight, or (``saved``) its
+        own copies, since safetensors refuses to save tensors that share storage."""
+        qdata, scale = self.qdata, self.w_scale
+        if saved:
+            qdata, scale = qdata.clone(), scale.clone()
+        return self.layout.build({"qdata": qdata, "scale": scale})
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
         quantized = _quantize_dense(weight, self._owner.qdata.device)
@@ -348,7 +353,9 @@ def _sync_fusion(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a fused attention: run the fused GEMM only while every projection is
     qconvert's own slice; a LoRA-wrapped projection (PEFT) makes the attention call each
     projection (and its LoRA) separately, until the LoRA is unloaded."""
-    fused = all(type(getattr(module, n, None)) is Fp8RowwiseSlice for n in getattr(module, _FUSED_NAMES))
+    fused = all(
+        type(getattr(module, n, None)) is Fp8RowwiseSlice for n in getattr(module, _FUSED_NAMES)
+    )
     if module.fused_projections != fused:
         module.fused_projections = fused
 

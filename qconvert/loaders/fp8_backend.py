@@ -14,8 +14,6 @@ _log = logging.getLogger(__name__)
 __all__ = ["gemm_backend", "mslk_available", "mslk_forced"]
 
 
-
-
 def _choice() -> str:
     forced = os.environ.get("QCONVERT_FP8_GEMM", "auto")
     if forced not in ("auto", "torch", "mslk"):

@@ -1026,6 +1026,7 @@ class HopperQuantLinear(RuntimeLinear):
         self.fmt = packed.fmt
         self.impl = impl
         self.layout = layout or default_layout(packed.fmt, packed.out_features, packed.in_features)
+        self._runtime_layout = self.layout.unswizzled(BLOCK_SIZES[packed.fmt])
         self._set_packed(packed)
         if bias is not None:
             if tuple(bias.shape) != (packed.out_features,):
@@ -1046,16 +1047,18 @@ class HopperQuantLinear(RuntimeLinear):
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(pack_weight(inner), bias, impl=impl, layout=SavedLayout.of(inner))
 
-    def torchao_weight(self) -> torch.Tensor:
-        """The ``NVFP4Tensor`` / ``MXTensor`` as saved (block scales swizzled again if they were;
-        qdata shared with the kernels)."""
+    def torchao_weight(self, saved: bool = True) -> torch.Tensor:
+        """The ``NVFP4Tensor`` / ``MXTensor``: ``saved``, as the file holds it (block scales
+        swizzled again into a new tensor if they were); else with this module's row-major
+        scales (no copy). qdata is shared with the kernels either way."""
+        layout = self.layout if saved else self._runtime_layout
         scale = self.scale.view(torch.uint8)
-        if self.layout.attrs.get("is_swizzled_scales"):
+        if layout.attrs.get("is_swizzled_scales"):
             scale = to_blocked(scale)
         inner = {"qdata": self.qdata, "scale": scale}
-        if "per_tensor_scale" in self.layout.pieces:
+        if "per_tensor_scale" in layout.pieces:
             inner["per_tensor_scale"] = self.tensor_scale
-        return self.layout.build(inner)
+        return layout.build(inner)
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
         """Quantize a dense ``[N, K]`` weight in this layer's format (what torchao builds on
