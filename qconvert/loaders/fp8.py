@@ -331,6 +331,7 @@ FUSABLE = {
                       (("add_q_proj", "add_k_proj", "add_v_proj"), "to_added_qkv")],
 }  # fmt: skip
 _FUSED_NAMES = "_qconvert_fused_names"
+_FUSED_ATTENTIONS = "_qconvert_fused_attentions"
 
 
 def concat(linears: list[Fp8RowwiseLinear]) -> Fp8RowwiseLinear:
@@ -349,15 +350,17 @@ def concat(linears: list[Fp8RowwiseLinear]) -> Fp8RowwiseLinear:
     )
 
 
-def _sync_fusion(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a fused attention: run the fused GEMM only while every projection is
-    qconvert's own slice; a LoRA-wrapped projection (PEFT) makes the attention call each
-    projection (and its LoRA) separately, until the LoRA is unloaded."""
-    fused = all(
-        type(getattr(module, n, None)) is Fp8RowwiseSlice for n in getattr(module, _FUSED_NAMES)
-    )
-    if module.fused_projections != fused:
-        module.fused_projections = fused
+def _sync_fusion(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a model with fused attentions: each runs its fused GEMM only while
+    every projection is qconvert's own slice; a LoRA-wrapped projection (PEFT) makes it call
+    each projection (and its LoRA) separately, until the LoRA is unloaded. A hook on the model,
+    not on the attentions: compile_repeated_blocks compiles the blocks, so the flag changes
+    outside compiled code and a hotswapped LoRA does not recompile."""
+    for module in getattr(model, _FUSED_ATTENTIONS):
+        names = getattr(module, _FUSED_NAMES)
+        fused = all(type(getattr(module, n, None)) is Fp8RowwiseSlice for n in names)
+        if module.fused_projections != fused:
+            module.fused_projections = fused
 
 
 def fuse_projections(model: nn.Module) -> int:
@@ -366,6 +369,11 @@ def fuse_projections(model: nn.Module) -> int:
     name as an :class:`Fp8RowwiseSlice` of the fused weight (LoRA targets them by name).
     Returns how many modules."""
     fused = 0
+    attentions = getattr(model, _FUSED_ATTENTIONS, None)
+    if attentions is None:
+        attentions = []
+        object.__setattr__(model, _FUSED_ATTENTIONS, attentions)
+        model.register_forward_pre_hook(_sync_fusion)
     for module in model.modules():
         groups = FUSABLE.get(type(module).__name__)
         if not groups or getattr(module, "fused_projections", True):
@@ -387,7 +395,7 @@ def fuse_projections(model: nn.Module) -> int:
                 setattr(module, n, Fp8RowwiseSlice(owner, start, start + m.out_features))
                 start += m.out_features
         object.__setattr__(module, _FUSED_NAMES, tuple(n for names, _ in present for n in names))
-        module.register_forward_pre_hook(_sync_fusion)
+        attentions.append(module)
         module.fused_projections = True
         fused += 1
         if fused % 8 == 0:
