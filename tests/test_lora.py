@@ -42,6 +42,7 @@ TOLERANCE = {"nvfp4": 0.12, "mxfp8": 0.08, "fp8": 0.08}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.cpu(), b.cpu()
     return float((a - b).norm() / b.norm())
 
 
@@ -380,3 +381,130 @@ def test_compile_repeated_blocks_with_lora_and_hotswap(flux: Family) -> None:
     assert torch.equal(compiled_b, forward(eager.transformer, flux.call))
     assert rel(compiled_b, eager_a) > 1e-2
     torch._dynamo.reset()
+
+
+# --- GPU: the real kernels (skipped without CUDA) -------------------------------------------
+
+HAS_GPU = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs CUDA")
+
+
+def _to(call: tuple[tuple, dict], device: str) -> tuple[tuple, dict]:
+    args, kwargs = call
+    return args, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+@pytest.fixture(scope="module")
+def gpu_refs(flux: Family, tiny_flux: Path) -> dict[str, Any]:
+    """bf16 references on the GPU: the tiny FLUX without and with LoRA "a"."""
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux, dtype=torch.bfloat16)
+    pipe.to("cuda")
+    call = _to(flux.call, "cuda")
+    ref = forward(pipe.transformer, call)
+    pipe.load_lora_weights(flux.lora_a, adapter_name="a")
+    ref_a = forward(pipe.transformer, call)
+    return {"call": call, "ref": ref, "ref_a": ref_a}
+
+
+def _gpu_pipeline(out: Path) -> Any:
+    from qconvert.loaders import load_pipeline
+
+    pipe = load_pipeline(out, device="cuda")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "fp8"])
+def test_gpu_lora_lifecycle(
+    fmt: str, flux: Family, gpu_refs: dict[str, Any], converted: dict[str, Path]
+) -> None:
+    """On this GPU's path: LoRA close to bf16 + LoRA, adapters, disable/enable, unload back to
+    the same modules and output, fuse_lora lossy but close."""
+    call = gpu_refs["call"]
+    pipe = _gpu_pipeline(converted[fmt])
+    tr = pipe.transformer
+    structure = _structure(tr)
+    base = forward(tr, call)
+    pipe.load_lora_weights(flux.lora_a, adapter_name="a")
+    out_a = forward(tr, call)
+    err, err_lora = rel(base, gpu_refs["ref"]), rel(out_a, gpu_refs["ref_a"])
+    assert rel(out_a, base) > 3 * err and err_lora <= 1.5 * err + 2e-3, (err, err_lora)
+    pipe.load_lora_weights(flux.lora_b, adapter_name="b")
+    pipe.set_adapters(["a", "b"], [1.0, 0.0])
+    assert rel(forward(tr, call), out_a) < 1e-3
+    pipe.disable_lora()
+    assert rel(forward(tr, call), base) < 1e-3
+    pipe.enable_lora()
+    pipe.set_adapters(["a"], [1.0])
+    pipe.fuse_lora(adapter_names=["a"])
+    assert rel(forward(tr, call), out_a) < min(TOLERANCE[fmt], rel(out_a, base) / 3)
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert _structure(tr) == structure
+    assert rel(forward(tr, call), base) < TOLERANCE[fmt]  # unfuse: lossy once more
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_gpu_compile_with_lora_and_hotswap(
+    fmt: str, flux: Family, gpu_refs: dict[str, Any], converted: dict[str, Path]
+) -> None:
+    torch._dynamo.reset()
+    call = gpu_refs["call"]
+    pipe = _gpu_pipeline(converted[fmt])
+    tr = pipe.transformer
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(flux.lora_a, adapter_name="a")
+    eager_a = forward(tr, call)
+    tr.compile_repeated_blocks(fullgraph=True)
+    assert rel(forward(tr, call), eager_a) < 1e-2
+    pipe.load_lora_weights(flux.lora_b, adapter_name="a", hotswap=True)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled_b = forward(tr, call)
+    with torch.compiler.set_stance("force_eager"):
+        assert rel(compiled_b, forward(tr, call)) < 1e-2
+    torch._dynamo.reset()
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_gpu_offloading_and_moves(
+    fmt: str, gpu_refs: dict[str, Any], converted: dict[str, Path]
+) -> None:
+    call = gpu_refs["call"]
+    cpu_call = _to(call, "cpu")
+    pipe = _gpu_pipeline(converted[fmt])
+    base = forward(pipe.transformer, call)
+    pipe.enable_model_cpu_offload()
+    assert rel(forward(pipe.transformer, cpu_call), base) < 1e-3
+    pipe.remove_all_hooks()
+    pipe = _gpu_pipeline(converted[fmt])
+    pipe.enable_sequential_cpu_offload()
+    assert rel(forward(pipe.transformer, cpu_call), base) < 1e-3
+    pipe = _gpu_pipeline(converted[fmt])
+    pipe.transformer.enable_group_offload(
+        torch.device("cuda"), offload_device=CPU, offload_type="block_level",
+        num_blocks_per_group=1, use_stream=True,
+    )  # fmt: skip
+    assert rel(forward(pipe.transformer, call), base) < 1e-3
+    pipe = _gpu_pipeline(converted[fmt])
+    pipe.to("cpu")
+    pipe.to("cuda")
+    assert rel(forward(pipe.transformer, call), base) < 1e-3
+
+
+@gpu
+def test_gpu_save_pretrained_round_trip(converted: dict[str, Path], tmp_path: Path) -> None:
+    pipe = _gpu_pipeline(converted["nvfp4"])
+    try:
+        pipe.transformer.save_pretrained(tmp_path / "transformer", max_shard_size="10MB")
+    except RuntimeError as exc:  # DESIGN.md §2: torch 2.11 + safetensors, any torchao model
+        if "invalid python storage" in str(exc):
+            pytest.xfail(f"diffusers' torchao save on this torch: {exc}")
+        raise
+    ours, _ = _tensors(tmp_path)
+    theirs, _ = _tensors(converted["nvfp4"])
+    assert ours.keys() == theirs.keys()
+    for key, t in theirs.items():
+        assert torch.equal(ours[key].flatten().view(torch.uint8), t.flatten().view(torch.uint8))
