@@ -35,3 +35,36 @@ def converted(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
             root / fmt, fmt=fmt, source=tiny_flux, max_shard_size=10_000_000, progress=False
         ).output
     return out
+
+
+@pytest.fixture(scope="session")
+def family_sources(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny pipeline folder of every family (built once per session)."""
+    from qconvert import tiny
+
+    out = {"flux": tiny_flux}
+    for name in ("qwenimage", "ltx2"):
+        out[name] = tmp_path_factory.mktemp(name) / "src"
+        tiny.build(name, out[name], seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_outputs(
+    family_sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, str], Path]:
+    """tiny Qwen-Image and LTX-2 converted to nvfp4 and mxfp8 (built once per session)."""
+    from qconvert.convert import convert
+
+    root = tmp_path_factory.mktemp("families")
+    return {
+        (family, fmt): convert(
+            root / f"{family}-{fmt}",
+            family=family,
+            fmt=fmt,
+            source=family_sources[family],
+            progress=False,
+        ).output
+        for family in ("qwenimage", "ltx2")
+        for fmt in ("nvfp4", "mxfp8")
+    }

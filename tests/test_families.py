@@ -15,7 +15,6 @@ from diffusers import AutoModel, DiffusionPipeline
 
 from qconvert.cli import main
 from qconvert.convert import (
-    convert,
     families,
     plan_for,
     selection_for,
@@ -67,26 +66,13 @@ EXPECTED: dict[str, list[tuple[str, str, str]]] = {
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path) -> dict[str, Path]:
-    out = {"flux": tiny_flux}
-    for name in ("qwenimage", "ltx2"):
-        out[name] = tmp_path_factory.mktemp(name) / "src"
-        TINY[name].build(out[name], seed=0)
-    return out
+def sources(family_sources: dict[str, Path]) -> dict[str, Path]:
+    return family_sources  # conftest: shared with tests/test_lora.py
 
 
 @pytest.fixture(scope="module")
-def outputs(
-    sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[tuple[str, str], Path]:
-    root = tmp_path_factory.mktemp("families")
-    return {
-        (family, fmt): convert(
-            root / f"{family}-{fmt}", family=family, fmt=fmt, source=sources[family], progress=False
-        ).output
-        for family in ("qwenimage", "ltx2")
-        for fmt in ("nvfp4", "mxfp8")
-    }
+def outputs(family_outputs: dict[tuple[str, str], Path]) -> dict[tuple[str, str], Path]:
+    return family_outputs
 
 
 def check_decisions(family: str, fmt: str, layers: list[dict[str, object]]) -> None:

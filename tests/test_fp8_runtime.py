@@ -29,7 +29,7 @@ from torchao.quantization.quantize_.common.kernel_preference import KernelPrefer
 
 from qconvert.formats import FORMATS
 from qconvert.loaders import fp8, runtime
-from qconvert.loaders.fp8 import Fp8RowwiseLinear, quantize_rows
+from qconvert.loaders.fp8 import Fp8RowwiseLinear, Fp8RowwiseSlice, quantize_rows
 
 HAS_GPU = torch.cuda.is_available() and fp8.HAS_TRITON
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and Triton")
@@ -341,10 +341,14 @@ def test_fused_projections_on_tiny_flux(converted, caplog: pytest.LogCaptureFixt
     assert any(f"fused q/k/v of {n_attn} attention" in r.getMessage() for r in caplog.records)
     attn = fused.transformer_blocks[0].attn
     ref = unfused.transformer_blocks[0].attn
-    assert attn.fused_projections and not hasattr(attn, "to_q")
-    assert not hasattr(attn, "add_k_proj") and isinstance(attn.to_added_qkv, Fp8RowwiseLinear)
+    assert attn.fused_projections and isinstance(attn.to_added_qkv, Fp8RowwiseLinear)
+    # the projections keep their names (LoRA targets them) as row slices of the fused weight
+    assert all(isinstance(getattr(attn, n), Fp8RowwiseSlice) for n in ("to_q", "add_k_proj"))
+    assert not list(attn.to_q.buffers()), "a slice holds no tensors of its own"
     rows = torch.cat([ref.to_q.qdata, ref.to_k.qdata, ref.to_v.qdata])
     assert torch.equal(attn.to_qkv.qdata.view(torch.uint8), rows.view(torch.uint8))
+    assert torch.equal(attn.to_k.qdata.view(torch.uint8), ref.to_k.qdata.view(torch.uint8))
+    assert set(fused.state_dict()) == set(unfused.state_dict()), "fused names leak into saves"
     single = fused.single_transformer_blocks[0].attn
     assert single.fused_projections and not hasattr(single, "to_added_qkv")
     inputs = transformer_inputs(unfused)

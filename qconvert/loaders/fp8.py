@@ -27,7 +27,6 @@ same activation numerics (CPU tests).
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
@@ -35,160 +34,16 @@ import os
 import torch
 from torch import nn
 
-from qconvert.loaders.triton_support import HAS_TRITON, tl, traceable_op, triton
+from qconvert.loaders.compat import RuntimeLinear, SavedLayout, default_layout
+from qconvert.loaders.fp8_backend import gemm_backend, mslk_available, mslk_forced
+from qconvert.loaders.fp8_quant import E4M3_MAX, INV_E4M3_MAX, quantize_rows
+from qconvert.loaders.triton_support import HAS_TRITON
 
 _log = logging.getLogger(__name__)
-
-E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
-# torch's CUDA ``bf16_tensor / 448.0`` multiplies by the fp32 reciprocal (a CPU scalar divisor).
-INV_E4M3_MAX = float(torch.tensor(1.0, dtype=torch.float32) / E4M3_MAX)
-SINGLE_PASS_MAX_K = 16384  # rows up to this length are held in registers (one read)
-
-
-# ---------------------------------------------------------------------------------------------
-# The GEMM backend: mslk when it imports, else torch._scaled_mm
-# ---------------------------------------------------------------------------------------------
-
-
-def _choice() -> str:
-    forced = os.environ.get("QCONVERT_FP8_GEMM", "auto")
-    if forced not in ("auto", "torch", "mslk"):
-        raise ValueError(f"QCONVERT_FP8_GEMM must be auto, torch or mslk, got {forced!r}")
-    return forced
-
-
-@functools.cache
-def mslk_available() -> bool:
-    """Whether mslk's ``f8f8bf16_rowwise`` is usable. A missing mslk is silent; an installed
-    one that fails to import (e.g. built for another torch) warns once and is left out."""
-    forced = _choice()
-    if forced == "torch":
-        return False
-    try:
-        import mslk  # noqa: F401
-
-        torch.ops.mslk.f8f8bf16_rowwise  # noqa: B018 - registered by the import
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] != "mslk":
-            _warn_mslk(exc)
-        elif forced == "mslk":
-            raise RuntimeError("QCONVERT_FP8_GEMM=mslk but mslk is not installed") from exc
-        return False
-    except Exception as exc:  # a torch/mslk mismatch: undefined symbols, version asserts
-        _warn_mslk(exc)
-        if forced == "mslk":
-            raise RuntimeError("QCONVERT_FP8_GEMM=mslk but `import mslk` failed") from exc
-        return False
-    return True
-
-
-def _warn_mslk(exc: BaseException) -> None:
-    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-    _log.warning(
-        "qconvert: mslk is installed but `import mslk` failed (%s: %s), likely built for another "
-        "torch; fp8 GEMMs use torch._scaled_mm only",
-        type(exc).__name__,
-        first,
-    )
-
-
-def mslk_forced() -> bool:
-    return _choice() == "mslk" and mslk_available()
-
-
-def gemm_backend() -> str:
-    """What runs the FP8 GEMMs, for the loader's log line."""
-    if mslk_forced():
-        return "mslk f8f8bf16_rowwise (QCONVERT_FP8_GEMM=mslk)"
-    if mslk_available():
-        return "torch._scaled_mm; mslk f8f8bf16_rowwise for shapes cuBLAS refuses"
-    return "torch._scaled_mm"
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-token activation quantization
-# ---------------------------------------------------------------------------------------------
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _quantize_rows_kernel(
-        x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-        BLOCK_K: tl.constexpr, SINGLE: tl.constexpr,
-        INV_MAX: tl.constexpr, FP8_MAX: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * stride_x
-        q_row = q_ptr + row * stride_q
-        offs = tl.arange(0, BLOCK_K)
-        if SINGLE:
-            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax = tl.max(tl.abs(v), axis=0)
-        else:
-            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                o = k0 + offs
-                w = tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32)
-                acc = tl.maximum(acc, tl.abs(w))
-            amax = tl.max(acc, axis=0)
-        # torchao: scale = bf16(amax) / 448 in bf16 (CUDA: times the fp32 reciprocal), to fp32.
-        s = (amax * INV_MAX).to(tl.bfloat16).to(tl.float32)
-        s = tl.where(s == 0.0, 1.0, s)  # torchao's 0 would make the row NaN
-        tl.store(s_ptr + row, s)
-        if SINGLE:
-            y = tl.math.div_rn(v, s)
-            y = tl.minimum(tl.maximum(y, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
-                           propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
-            tl.store(q_row + offs, y.to(tl.float8e4nv), mask=offs < K)
-        else:
-            for k0 in range(0, K, BLOCK_K):
-                o = k0 + offs
-                w = tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32)
-                y = tl.math.div_rn(w, s)
-                y = tl.minimum(tl.maximum(y, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL),
-                               FP8_MAX, propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
-                tl.store(q_row + o, y.to(tl.float8e4nv), mask=o < K)
-
-
-def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = (amax * INV_E4M3_MAX).to(torch.bfloat16).float()
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def _quantize_rows_gpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if not x.is_cuda:  # CPU, and CPU fake tensors under torch.compile
-        return _quantize_rows_torch(x)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    if m == 0:
-        return q, s
-    single = k <= SINGLE_PASS_MAX_K
-    block = triton.next_power_of_2(k) if single else 4096
-    warps = max(1, min(16, block // 512))
-    torch.library.wrap_triton(_quantize_rows_kernel)[(m,)](
-        x, q, s, k, x.stride(0), q.stride(0),
-        BLOCK_K=block, SINGLE=single, INV_MAX=INV_E4M3_MAX, FP8_MAX=E4M3_MAX, num_warps=warps,
-    )  # fmt: skip
-    return q, s
-
-
-traceable_op("qconvert::quantize_rows", _quantize_rows_gpu)
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 ``x [M, K]`` -> (e4m3 ``[M, K]``, fp32 scale ``[M, 1]``), one scale per row."""
-    if x.dim() != 2:
-        raise ValueError(f"quantize_rows takes [M, K], got {list(x.shape)}")
-    if not (HAS_TRITON and x.is_cuda):
-        return _quantize_rows_torch(x)
-    return torch.ops.qconvert.quantize_rows.default(x)
+__all__ = [
+    "E4M3_MAX", "INV_E4M3_MAX", "Fp8RowwiseLinear", "Fp8RowwiseSlice", "fuse_projections",
+    "gemm_backend", "is_rowwise_e4m3", "mslk_available", "quantize_rows",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +65,8 @@ BIAS_EPILOGUE_MIN_N = 3072  # N = 64, K = 20000 was refused with a bias up to M 
 def bias_in_epilogue(m: int, n: int) -> bool:
     """Whether compiled code fuses the bias into torch._scaled_mm (else adds it after)."""
     return m >= BIAS_EPILOGUE_MIN_M and n >= BIAS_EPILOGUE_MIN_N
+
+
 STRATEGIES = ("scaled_mm", "scaled_mm, bias after", "mslk", "scaled_mm, rows padded to 16",
               "dequantize")  # fmt: skip
 _PLAN: dict[tuple[int, int, int, bool, int | None], str] = {}
@@ -298,32 +155,65 @@ def _(
     return x.new_empty((x.shape[0], qdata.shape[0]), dtype=torch.bfloat16)
 
 
-class Fp8RowwiseLinear(nn.Module):
-    """A Linear with an e4m3 rowwise weight, run as per-token FP8 activations x FP8 weight."""
+class Fp8RowwiseLinear(RuntimeLinear):
+    """A Linear with an e4m3 rowwise weight, run as per-token FP8 activations x FP8 weight.
 
+    An ``nn.Linear`` to PEFT and diffusers (see ``qconvert.loaders.compat``): ``weight`` is the
+    checkpoint's ``Float8Tensor`` (``layout``: how it was saved), sharing the buffers' data;
+    assigning a dense weight requantizes it (LoRA merge). ``fused_parts``: set on a q/k/v-fused
+    Linear, whose rows are its parts' weights (they, not it, appear in ``state_dict``).
+    """
+
+    fmt = "fp8"
     qdata: torch.Tensor
     w_scale: torch.Tensor
     bias: torch.Tensor | None
 
     def __init__(
-        self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+        self,
+        qdata: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        layout: SavedLayout | None = None,
     ) -> None:
-        super().__init__()
         if qdata.dim() != 2 or qdata.dtype != torch.float8_e4m3fn:
             raise ValueError(f"qdata must be e4m3 [N, K], got {qdata.dtype} {list(qdata.shape)}")
         n, k = qdata.shape
         if scale.numel() != n:
             raise ValueError(f"rowwise FP8 needs {n} scales (one per row), got {scale.numel()}")
-        self.in_features, self.out_features = int(k), int(n)
-        # torch._scaled_mm straight from compiled code, unless mslk is forced for every GEMM.
-        self.direct = os.environ.get("QCONVERT_FP8_GEMM", "auto") != "mslk"
-        self.register_buffer("qdata", qdata.contiguous())
-        self.register_buffer("w_scale", scale.detach().float().reshape(1, n).contiguous())
+        super().__init__(int(k), int(n))
+        self._init_runtime(layout or default_layout("fp8", int(n), int(k)))
+        self._set_rows(qdata, scale)
         if bias is not None:
             if tuple(bias.shape) != (n,):
                 raise ValueError(f"bias shape {list(bias.shape)} != [{n}]")
             bias = bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias)
+
+    def _init_runtime(self, layout: SavedLayout) -> None:
+        # torch._scaled_mm straight from compiled code, unless mslk is forced for every GEMM.
+        self.direct = os.environ.get("QCONVERT_FP8_GEMM", "auto") != "mslk"
+        self.layout = layout
+        self.fused_parts: tuple[str, ...] = ()
+
+    def _set_rows(self, qdata: torch.Tensor, scale: torch.Tensor) -> None:
+        n = qdata.shape[0]
+        self.register_buffer("qdata", qdata.contiguous(), persistent=False)
+        w_scale = scale.detach().float().reshape(1, n).contiguous()
+        self.register_buffer("w_scale", w_scale, persistent=False)
+
+    def torchao_weight(self, saved: bool = True) -> torch.Tensor:
+        """The ``Float8Tensor`` as saved, sharing this module's data (one layout here)."""
+        return self.layout.build({"qdata": self.qdata, "scale": self.w_scale})
+
+    def set_dense_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a dense ``[N, K]`` weight rowwise (torchao's Float8Tensor) into the buffers."""
+        quantized = _quantize_dense(weight, self.qdata.device)
+        self._set_rows(quantized.qdata, quantized.scale)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if not self.fused_parts:  # a fused Linear's rows are saved as its parts
+            super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8RowwiseLinear:
@@ -336,7 +226,7 @@ class Fp8RowwiseLinear(nn.Module):
                 f"(block_size {getattr(inner, 'block_size', None)})"
             )
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(inner.qdata, inner.scale, bias)
+        return cls(inner.qdata, inner.scale, bias, layout=SavedLayout.of(inner))
 
     def extra_repr(self) -> str:
         return (
@@ -381,6 +271,58 @@ def is_rowwise_e4m3(weight: torch.Tensor) -> bool:
     )
 
 
+def _quantize_dense(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    from qconvert.formats import FORMATS
+
+    dense = weight.detach().to(device=device, dtype=torch.bfloat16).contiguous()
+    return FORMATS["fp8"].quantize(dense)
+
+
+class Fp8RowwiseSlice(Fp8RowwiseLinear):
+    """Rows ``[start, stop)`` of a fused Fp8RowwiseLinear, under the name of the projection they
+    were (``to_q``...): what PEFT, diffusers and ``state_dict`` see of a fused attention. Holds
+    no tensors (moving the model moves the fused one); its forward runs its rows alone, which
+    the attention does when a LoRA wraps one of its projections (see ``fuse_projections``)."""
+
+    def __init__(self, owner: Fp8RowwiseLinear, start: int, stop: int) -> None:
+        RuntimeLinear.__init__(self, owner.in_features, stop - start)
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the owner is the attention's
+        self.start, self.stop = int(start), int(stop)
+        self._init_runtime(default_layout("fp8", stop - start, owner.in_features))
+
+    @property  # type: ignore[override]
+    def qdata(self) -> torch.Tensor:
+        return self._owner.qdata[self.start : self.stop]
+
+    @property  # type: ignore[override]
+    def w_scale(self) -> torch.Tensor:
+        return self._owner.w_scale[:, self.start : self.stop]
+
+    @property  # type: ignore[override]
+    def bias(self) -> torch.Tensor | None:
+        b = self._owner.bias
+        return None if b is None else b[self.start : self.stop]
+
+    def torchao_weight(self, saved: bool = True) -> torch.Tensor:
+        """This projection's ``Float8Tensor``: views into the fused weight, or (``saved``) its
+        own copies, since safetensors refuses to save tensors that share storage."""
+        qdata, scale = self.qdata, self.w_scale
+        if saved:
+            qdata, scale = qdata.clone(), scale.clone()
+        return self.layout.build({"qdata": qdata, "scale": scale})
+
+    def set_dense_weight(self, weight: torch.Tensor) -> None:
+        quantized = _quantize_dense(weight, self._owner.qdata.device)
+        self._owner.qdata[self.start : self.stop].copy_(quantized.qdata)
+        self._owner.w_scale[:, self.start : self.stop].copy_(quantized.scale.reshape(1, -1))
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        RuntimeLinear._save_to_state_dict(self, destination, prefix, keep_vars)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rows={self.start}:{self.stop} of the fused projection"
+
+
 # Attention modules whose diffusers processor has a fused-projection path: {class: [(the
 # Linears, the fused Linear's name)]}. Rowwise FP8 rows are independent, so concatenating the
 # weights is exact; one GEMM then quantizes the shared input once instead of three times.
@@ -388,6 +330,8 @@ FUSABLE = {
     "FluxAttention": [(("to_q", "to_k", "to_v"), "to_qkv"),
                       (("add_q_proj", "add_k_proj", "add_v_proj"), "to_added_qkv")],
 }  # fmt: skip
+_FUSED_NAMES = "_qconvert_fused_names"
+_FUSED_ATTENTIONS = "_qconvert_fused_attentions"
 
 
 def concat(linears: list[Fp8RowwiseLinear]) -> Fp8RowwiseLinear:
@@ -406,24 +350,52 @@ def concat(linears: list[Fp8RowwiseLinear]) -> Fp8RowwiseLinear:
     )
 
 
+def _sync_fusion(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a model with fused attentions: each runs its fused GEMM only while
+    every projection is qconvert's own slice; a LoRA-wrapped projection (PEFT) makes it call
+    each projection (and its LoRA) separately, until the LoRA is unloaded. A hook on the model,
+    not on the attentions: compile_repeated_blocks compiles the blocks, so the flag changes
+    outside compiled code and a hotswapped LoRA does not recompile."""
+    for module in getattr(model, _FUSED_ATTENTIONS):
+        names = getattr(module, _FUSED_NAMES)
+        fused = all(type(getattr(module, n, None)) is Fp8RowwiseSlice for n in names)
+        if module.fused_projections != fused:
+            module.fused_projections = fused
+
+
 def fuse_projections(model: nn.Module) -> int:
     """Fuse the q/k/v Fp8RowwiseLinears of known attention modules (``FUSABLE``) into one, as
-    diffusers' ``fuse_qkv_projections`` does for plain Linears. Returns how many modules."""
+    diffusers' ``fuse_qkv_projections`` does for plain Linears, keeping each projection under its
+    name as an :class:`Fp8RowwiseSlice` of the fused weight (LoRA targets them by name).
+    Returns how many modules."""
     fused = 0
+    attentions = getattr(model, _FUSED_ATTENTIONS, None)
+    if attentions is None:
+        attentions = []
+        object.__setattr__(model, _FUSED_ATTENTIONS, attentions)
+        model.register_forward_pre_hook(_sync_fusion)
     for module in model.modules():
         groups = FUSABLE.get(type(module).__name__)
         if not groups or getattr(module, "fused_projections", True):
             continue
+        if getattr(module, _FUSED_NAMES, None) is not None:
+            continue  # fused before; the hook decides when it runs fused
         present = [(names, out) for names, out in groups if hasattr(module, names[0])]
         parts = [[getattr(module, n, None) for n in names] for names, _ in present]
-        if not parts or not all(isinstance(m, Fp8RowwiseLinear) for p in parts for m in p):
+        if not parts or not all(type(m) is Fp8RowwiseLinear for p in parts for m in p):
             continue  # all or nothing: the fused processor path reads every fused Linear
         if any(len({m.in_features for m in p}) != 1 for p in parts):
             continue
         for (names, out), p in zip(present, parts, strict=True):
-            setattr(module, out, concat(p))
-            for n in names:
-                delattr(module, n)
+            owner = concat(p)
+            owner.fused_parts = names
+            setattr(module, out, owner)
+            start = 0
+            for n, m in zip(names, p, strict=True):
+                setattr(module, n, Fp8RowwiseSlice(owner, start, start + m.out_features))
+                start += m.out_features
+        object.__setattr__(module, _FUSED_NAMES, tuple(n for names, _ in present for n in names))
+        attentions.append(module)
         module.fused_projections = True
         fused += 1
         if fused % 8 == 0:

@@ -38,8 +38,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchao.prototype.mx_formats.utils import from_blocked
+from torchao.prototype.mx_formats.utils import from_blocked, to_blocked
 
+from qconvert.loaders.compat import RuntimeLinear, SavedLayout, default_layout
 from qconvert.loaders.triton_support import HAS_TRITON, tl, traceable_op, triton
 from qconvert.loaders.triton_support import interpret as _interpret
 
@@ -995,12 +996,16 @@ def _(
 IMPLS = ("auto", "fused", "dequant_mm")
 
 
-class HopperQuantLinear(nn.Module):
+class HopperQuantLinear(RuntimeLinear):
     """A Linear whose weight stays NVFP4 / MXFP8 in memory, run by the Triton kernels above.
 
     ``impl``: ``"auto"`` (``qconvert::hopper_linear``: the faster path per shape, measured on
     first use), ``"fused"`` (``qconvert::hopper_fused_linear``) or ``"dequant_mm"``
     (``qconvert::hopper_dequant`` + ``F.linear``). Activations must be bf16; the output is bf16.
+
+    An ``nn.Linear`` to PEFT and diffusers (see ``qconvert.loaders.compat``): ``weight`` is the
+    checkpoint's torchao tensor (``layout``: how it was saved), rebuilt from the packed buffers
+    on access; assigning a dense weight requantizes it (LoRA merge).
     """
 
     qdata: torch.Tensor
@@ -1009,23 +1014,30 @@ class HopperQuantLinear(nn.Module):
     bias: torch.Tensor | None
 
     def __init__(
-        self, packed: PackedWeight, bias: torch.Tensor | None = None, impl: str = "auto"
+        self,
+        packed: PackedWeight,
+        bias: torch.Tensor | None = None,
+        impl: str = "auto",
+        layout: SavedLayout | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(packed.in_features, packed.out_features)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.fmt = packed.fmt
-        self.in_features = packed.in_features
-        self.out_features = packed.out_features
         self.impl = impl
-        self.register_buffer("qdata", packed.qdata)
-        self.register_buffer("scale", packed.scale)
-        self.register_buffer("tensor_scale", packed.tensor_scale)
+        self.layout = layout or default_layout(packed.fmt, packed.out_features, packed.in_features)
+        self._runtime_layout = self.layout.unswizzled(BLOCK_SIZES[packed.fmt])
+        self._set_packed(packed)
         if bias is not None:
             if tuple(bias.shape) != (packed.out_features,):
                 raise ValueError(f"bias shape {list(bias.shape)} != [{packed.out_features}]")
             bias = bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias)
+
+    def _set_packed(self, packed: PackedWeight) -> None:
+        self.register_buffer("qdata", packed.qdata, persistent=False)
+        self.register_buffer("scale", packed.scale, persistent=False)
+        self.register_buffer("tensor_scale", packed.tensor_scale, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, impl: str = "auto") -> "HopperQuantLinear":
@@ -1033,7 +1045,29 @@ class HopperQuantLinear(nn.Module):
         weight = linear.weight
         inner = weight.data if isinstance(weight, nn.Parameter) else weight
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(pack_weight(inner), bias, impl=impl)
+        return cls(pack_weight(inner), bias, impl=impl, layout=SavedLayout.of(inner))
+
+    def torchao_weight(self, saved: bool = True) -> torch.Tensor:
+        """The ``NVFP4Tensor`` / ``MXTensor``: ``saved``, as the file holds it (block scales
+        swizzled again into a new tensor if they were); else with this module's row-major
+        scales (no copy). qdata is shared with the kernels either way."""
+        layout = self.layout if saved else self._runtime_layout
+        scale = self.scale.view(torch.uint8)
+        if layout.attrs.get("is_swizzled_scales"):
+            scale = to_blocked(scale)
+        inner = {"qdata": self.qdata, "scale": scale}
+        if "per_tensor_scale" in layout.pieces:
+            inner["per_tensor_scale"] = self.tensor_scale
+        return layout.build(inner)
+
+    def set_dense_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a dense ``[N, K]`` weight in this layer's format (what torchao builds on
+        Blackwell) and repack it for the kernels."""
+        from qconvert.formats import FORMATS
+
+        dense = weight.detach().to(device=self.qdata.device, dtype=torch.bfloat16).contiguous()
+        quantized = FORMATS[self.fmt].quantize(dense)
+        self._set_packed(pack_weight(quantized))
 
     def extra_repr(self) -> str:
         return (

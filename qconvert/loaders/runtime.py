@@ -20,6 +20,8 @@ from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
 from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
 from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
 
+from qconvert.loaders.compat import RuntimeLinear, install_requantize, record_in_place
+
 log = logging.getLogger("qconvert.loaders")
 QUANTIZED = (NVFP4Tensor, MXTensor, Float8Tensor)
 
@@ -32,6 +34,7 @@ class Path:
     name: str
     description: str
     apply: Callable[[torch.nn.Linear], torch.nn.Module | None]
+    in_place: bool = True  # False: apply returns a qconvert RuntimeLinear replacing the Linear
 
 
 def _keep(linear: torch.nn.Linear) -> None:
@@ -87,6 +90,7 @@ HOPPER = Path(
     "weights stay quantized in memory; a Triton kernel dequantizes them to bf16 at ~2.4 TB/s "
     "for cuBLAS (or a fused GEMM for small batches), activations stay bf16",
     _hopper,
+    in_place=False,
 )
 
 FP8_FAST = Path(
@@ -94,6 +98,7 @@ FP8_FAST = Path(
     "activations quantized per token by one fused Triton kernel, then a rowwise FP8 "
     "tensor-core GEMM with the bias fused (FLUX attention: q/k/v fused into one GEMM)",
     _fp8_fast,
+    in_place=False,
 )
 
 # (tensor type, device class) → path. Device classes: see device_class().
@@ -193,12 +198,14 @@ def prepare(
     replaced = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if not isinstance(child, torch.nn.Linear):
-                continue
+            if not isinstance(child, torch.nn.Linear) or isinstance(child, RuntimeLinear):
+                continue  # (a RuntimeLinear is prepared already)
             weight = child.weight
             if not isinstance(weight, QUANTIZED):
                 continue
             path, why = choose(weight, device, dclass)
+            if path.in_place:
+                record_in_place(child, path.apply)
             replacement = path.apply(child)
             if replacement is not None:
                 setattr(parent, child_name, replacement)
@@ -222,6 +229,8 @@ def prepare(
                 "(one activation quantization per input; exact: rowwise weights)",
                 fused,
             )
+    if counts:
+        install_requantize(model)
     if replaced:
         # Replaced Linears (and their GPU weights, e.g. NVFP4's swizzled scales) sit in
         # reference cycles; without this they outlive the load until Python's next collection.
