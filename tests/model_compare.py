@@ -12,6 +12,15 @@ from typing import Any
 import torch
 
 SKIP = {"_parameters", "_buffers", "_modules", "_internal_dict"}
+# Hook registries are keyed by global handle ids: compared by the hooks they hold, not the ids.
+HOOKS = {
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+}
 SCALARS = (int, float, str, bool, type(None), torch.dtype, torch.device, enum.Enum, torch.Size)
 
 
@@ -63,7 +72,12 @@ def same_value(a: Any, b: Any, where: str) -> None:
 def same_attributes(a: dict[str, Any], b: dict[str, Any], where: str) -> None:
     assert sorted(a) == sorted(b), f"{where}: keys {sorted(set(a) ^ set(b))}"
     for key in b:
-        if key not in SKIP:
+        if key in HOOKS:
+            names = [
+                [getattr(h, "__name__", type(h).__name__) for h in d[key].values()] for d in (a, b)
+            ]
+            assert names[0] == names[1], f"{where}.{key}: {names}"
+        elif key not in SKIP:
             same_value(a[key], b[key], f"{where}.{key}")
 
 

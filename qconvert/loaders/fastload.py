@@ -34,6 +34,7 @@ import torch
 from qconvert.contain import inside
 from qconvert.errors import ManifestError
 from qconvert.loaders import runtime
+from qconvert.loaders.compat import install_requantize, record_in_place
 from qconvert.loaders.reading import Entry, ReadError, Stream, UnknownDtype, read_header
 from qconvert.manifest import SCHEMA
 from qconvert.manifest import load as load_manifest
@@ -279,6 +280,8 @@ class Assembly:
         weight = linear.weight
         if isinstance(weight, runtime.QUANTIZED):
             path, why = runtime.choose(weight, self.device, self.dclass)
+            if path.in_place:
+                record_in_place(linear, path.apply)  # what prepare records (save, LoRA merge)
             replacement = path.apply(linear)
             key = (type(weight).__name__, path, why)
             self.counts[key] = self.counts.get(key, 0) + 1
@@ -349,14 +352,15 @@ class FastLoad:
                     module._buffers[name] = buf.to(device)
         fused = 0
         if self.fuse_qkv and any(path is runtime.FP8_FAST for _, path, _ in counts):
-            from qconvert.loaders.fp8 import FUSABLE, fuse_projections
+            from qconvert.loaders.fp8 import fuse_projections
 
-            # One module at a time, holding no reference to the parts: each fusion frees its
-            # unfused copies at once (nothing waits for gc.collect).
-            for attention in [m for m in model.modules() if type(m).__name__ in FUSABLE]:
-                fused += fuse_projections(attention)
+            # As prepare does (one call: it installs the model's fusion hook); it fuses one
+            # attention module at a time, so each unfused copy is freed as it goes.
+            fused = fuse_projections(model)
         sk.quantizer.postprocess_model(model)
         model.hf_quantizer = sk.quantizer
+        if counts:
+            install_requantize(model)  # as prepare does: LoRA merges requantize with qconvert
         if self.device_map is not None:
             model.hf_device_map = dict(self.device_map)
         model.register_to_config(_name_or_path=self.name_or_path, _pre_quantization_dtype=sk.dtype)
