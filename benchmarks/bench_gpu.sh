@@ -11,7 +11,7 @@ out=${1:?usage: benchmarks/bench_gpu.sh OUTDIR}
 mkdir -p "$out"
 python=${PYTHON:-python}
 start=$(date +%s)
-"$python" -m qconvert.cli bench flux --real-shape --format nvfp4,mxfp8,fp8 --device cuda \
+"$python" -m qconvert bench flux --real-shape --format nvfp4,mxfp8,fp8 --device cuda \
     --compile --batch 1,4 --repeats 8 --warmup 2 --e2e-repeats 2 --results "$out" -q \
     2>&1 | tee "$out/bench.log"
 echo "bench_gpu.sh: $(($(date +%s) - start)) s; results in $out/speed.json" | tee -a "$out/bench.log"

@@ -15,7 +15,7 @@ python=${PYTHON:-python}
 start=$(date +%s)
 for fmt in nvfp4 mxfp8 fp8; do
     t=$(date +%s)
-    "$python" -m qconvert.cli eval flux --real-shape --format "$fmt" --device cuda \
+    "$python" -m qconvert eval flux --real-shape --format "$fmt" --device cuda \
         --num-prompts 2 --results "$out/$fmt" --cache-dir "$out/cache" -q \
         2>&1 | tee "$out/eval-$fmt.log"
     echo "eval_gpu.sh: $fmt took $(($(date +%s) - t)) s" | tee -a "$out/eval-$fmt.log"

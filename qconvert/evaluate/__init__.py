@@ -129,9 +129,9 @@ def card_for(subject: Any, results: Path) -> Path | None:
 
 
 def _device(subject: Any, device: str | None) -> Any:
-    from qconvert.evaluate.report import resolve_device
+    from qconvert.convert.converter import resolve_device
 
-    dev = resolve_device(device)
+    dev = resolve_device(str(device or "auto"))
     if subject.real_shape and dev.type != "cuda" and not subject.shrunk:
         raise EvalError(
             "--real-shape needs a CUDA GPU (the real models take hours on a CPU); on a CPU, "

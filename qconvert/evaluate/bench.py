@@ -226,6 +226,7 @@ def _measure(
             rows.append(row)
     finally:
         del pipe
+        torch._dynamo.reset()  # compiled code holds the model: let it go with the pipeline
         release()
     return rows
 

@@ -56,8 +56,9 @@ def recipe(family: str, overrides: dict[str, Any] | None = None) -> Any:
             f"measure a converted {family} checkpoint instead"
         )
     found = families()[family]
-    if overrides:
-        found = dataclasses.replace(found, real_config={**found.real_config, **overrides})
+    if overrides:  # as a recipe's TOML would hold them (lists, not tuples)
+        plain = json.loads(json.dumps(overrides))
+        found = dataclasses.replace(found, real_config={**found.real_config, **plain})
     return found
 
 

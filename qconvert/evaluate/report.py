@@ -81,17 +81,6 @@ def device_label(info: dict[str, Any]) -> str:
     return f"{info['name']} ({', '.join(extra)})"
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    from qconvert.evaluate.errors import EvalError
-
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda: no CUDA device is available; use --device cpu")
-    return dev
-
-
 def _safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
