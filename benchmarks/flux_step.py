@@ -1,24 +1,24 @@
 """One FLUX.1-dev transformer step at 1024² on the GPU, per runtime path, side by side in one
-process. Real config, random weights (speed depends on shapes, not values).
+process: a thin layer over ``qconvert.evaluate`` (the real-shape transformer with random
+weights, in-memory quantization with the FLUX recipe's plan, the step inputs captured from the
+real-shape pipeline, the timers), kept for the comparisons ``qconvert bench`` does not make.
 
-Paths:
-- ``bf16``: the plain model.
-- ``nvfp4`` / ``mxfp8`` / ``fp8``: our checkpoints' tensors (built in memory with
-  ``qconvert.formats``, the FLUX recipe's layer choice) run by ``qconvert.loaders.runtime`` as
-  after loading: Hopper dequant kernels + cuBLAS (nvfp4, mxfp8), per-token FP8 + rowwise FP8
-  GEMM (fp8).
-- ``nvfp4-all`` / ``mxfp8-all`` / ``fp8-all``: the same with every single block's
-  ``proj_out`` quantized too (a one-rule recipe file; the seed recipe keeps those 38 layers,
-  15 % of the parameters, in bf16).
+For bf16 against our formats, step and end to end, use the command instead:
+
+    qconvert bench flux --real-shape --format nvfp4,mxfp8,fp8 --compile --batch 1,4
+
+Paths here:
+- ``bf16``; ``nvfp4`` / ``mxfp8`` / ``fp8``: our checkpoints' tensors, run by
+  ``qconvert.loaders`` as after loading.
+- ``nvfp4-all`` / ``mxfp8-all`` / ``fp8-all``: the same with every single block's ``proj_out``
+  quantized too (a one-rule recipe; the seed recipe keeps those 38 layers in bf16).
 - ``fp8-mslk``: ``fp8`` with every GEMM through mslk's ``f8f8bf16_rowwise``
   (``QCONVERT_FP8_GEMM=mslk``; needs mslk).
-- ``torchao-fp8``: torchao's Hopper option as users apply it: ``quantize_(transformer,
-  Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))`` on load.
-- ``torchao-nvfp4-wo``: ``quantize_(transformer, NVFP4WeightOnlyConfig())`` on load.
+- ``torchao-fp8`` / ``torchao-nvfp4-wo``: torchao's own options, ``quantize_`` on load.
 
-Reports per path: weight GiB, eager / CUDA-graph / compiled (``compile_repeated_blocks(
-fullgraph=True)``) / compiled + CUDA-graph step ms (median), ratios to bf16, peak GiB, and with
-``--profile`` the compiled step's GPU time per kernel kind. GPU only.
+Per path: weight GiB, eager / CUDA-graph / compiled (``compile_repeated_blocks(fullgraph=True)``)
+/ compiled + CUDA-graph step ms (median), ratios to bf16, peak GiB, and with ``--profile`` the
+compiled step's GPU time per kernel kind. GPU only.
 
     python benchmarks/flux_step.py --batch 1 --compile --json out.json
 """
@@ -26,123 +26,67 @@ fullgraph=True)``) / compiled + CUDA-graph step ms (median), ratios to bf16, pea
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-OURS = ("nvfp4", "mxfp8", "fp8")
+from qconvert.evaluate import bench, realshape
+from qconvert.evaluate.pipelines import call_kwargs, capture_inputs, release
+from qconvert.evaluate.settings import defaults
+
 DEFAULT_PATHS = [
     "bf16", "nvfp4", "mxfp8", "fp8", "nvfp4-all", "mxfp8-all", "fp8-all",
     "torchao-fp8", "torchao-nvfp4-wo",
 ]  # fmt: skip
 SINGLE_PROJ_OUT = r"re:^single_transformer_blocks\.\d+\.proj_out$"
+CUDA = torch.device("cuda")
 
 
-def inputs(batch: int, device: str = "cuda") -> dict[str, torch.Tensor | bool]:
-    g = torch.Generator(device).manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.bfloat16)
-
-    return {
-        "hidden_states": randn(batch, 4096, 64),
-        "encoder_hidden_states": randn(batch, 512, 4096),
-        "pooled_projections": randn(batch, 768),
-        "timestep": torch.full((batch,), 0.5, device=device, dtype=torch.bfloat16),
-        "img_ids": torch.zeros(4096, 3, device=device),
-        "txt_ids": torch.zeros(512, 3, device=device),
-        "guidance": torch.full((batch,), 3.5, device=device, dtype=torch.bfloat16),
-        "return_dict": False,
-    }
+def step_inputs(batch: int) -> dict:
+    """The transformer's first-step inputs of the real-shape FLUX pipeline at 1024²."""
+    subject = realshape.RealShapeSubject("flux", ["fp8"])
+    pipe = subject.load(None, CUDA)
+    settings = defaults("flux")
+    try:
+        return capture_inputs(pipe, call_kwargs(subject, settings, "a photo", 0, CUDA, batch))
+    finally:
+        del pipe
+        release()
 
 
-def time_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median GPU ms of ``fn`` (CUDA events; one warm call first)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def build(name: str, rec: object) -> tuple[torch.nn.Module, dict]:
+    model = realshape.build_transformer(rec, CUDA, seed=0)
+    if name == "bf16":
+        return model, {}
+    if name.startswith("torchao-"):
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
 
-
-def graph_ms(model: torch.nn.Module, x: dict, reps: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(2):
-            model(**x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        model(**x)
-    ms = time_ms(graph.replay, reps=reps)
-    del graph
-    return ms
-
-
-def weight_gib(model: torch.nn.Module) -> float:
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        inner = t.data if isinstance(t, torch.nn.Parameter) else t
-        names = getattr(inner, "tensor_data_names", None)
-        if names:
-            for n in [*names, *getattr(inner, "optional_tensor_data_names", [])]:
-                part = getattr(inner, n, None)
-                if part is not None:
-                    total += part.numel() * part.element_size()
+        if name == "torchao-fp8":
+            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
         else:
-            total += inner.numel() * inner.element_size()
-    return total / 2**30
+            from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
 
-
-def ours(base: torch.nn.Module, fmt: str, all_blocks: bool) -> tuple[torch.nn.Module, dict]:
-    """Our checkpoint's tensors for the FLUX recipe (optionally + single-block proj_out),
-    prepared for this GPU by qconvert.loaders.runtime."""
-    from qconvert.convert import families, plan_for
-    from qconvert.convert.plan import Selection, real_config_source
+            quantize_(model, NVFP4WeightOnlyConfig())
+        return model, {}
+    from qconvert.convert.plan import Selection
     from qconvert.convert.recipes import Rule, UserRecipe
-    from qconvert.formats import FORMATS
-    from qconvert.loaders.runtime import prepare
 
-    user = None
-    if all_blocks:
+    fmt = name.removesuffix("-all").removesuffix("-mslk")
+    selection = Selection()
+    if name.endswith("-all"):
         rule = Rule(SINGLE_PROJ_OUT, "benchmark: single-block proj_out quantized", fmt)
-        user = UserRecipe("<flux_step.py>", (rule,))
-    source = real_config_source(families()["flux"])
-    plan = plan_for(source, "flux", FORMATS[fmt], Selection(user=user))
-    decided = {layer.name: layer.action for layer in plan.layers}
-    q = copy.deepcopy(base)
-    for name, module in q.named_modules():
-        if isinstance(module, torch.nn.Linear) and decided.get(name, "keep") != "keep":
-            w = FORMATS[decided[name]].quantize(module.weight.data, name=name)
-            module.weight = torch.nn.Parameter(w, requires_grad=False)
-    chosen = prepare(q, torch.device("cuda"))
-    return q, chosen
-
-
-def torchao_on_load(base: torch.nn.Module, which: str) -> torch.nn.Module:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    q = copy.deepcopy(base)
-    if which == "torchao-fp8":
-        quantize_(q, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    else:
-        from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
-
-        quantize_(q, NVFP4WeightOnlyConfig())
-    return q
+        selection = Selection(user=UserRecipe("<flux_step.py>", (rule,)))
+    runtime, _ = realshape.quantize_in_memory(model, rec, fmt, CUDA, selection)
+    return model, {"runtime": runtime}
 
 
 KINDS = [
@@ -155,7 +99,7 @@ KINDS = [
 ]
 
 
-def profile_kinds(fn: Callable[[], object]) -> dict[str, float]:
+def profile_kinds(fn: Callable[[], object]) -> dict:
     """GPU ms per kernel kind over one call of ``fn`` (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -170,101 +114,93 @@ def profile_kinds(fn: Callable[[], object]) -> dict[str, float]:
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         ms = evt.device_time / 1e3
-        name = evt.name
-        kind = next((k for k, keys in KINDS if any(s in name.lower() for s in keys)), "other")
+        kind = next((k for k, keys in KINDS if any(s in evt.name.lower() for s in keys)), "other")
         out[kind] = out.get(kind, 0.0) + ms
-        top[name[:90]] = top.get(name[:90], 0.0) + ms
-    result = {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+        top[evt.name[:90]] = top.get(evt.name[:90], 0.0) + ms
+    result: dict = {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
     result["total"] = round(sum(out.values()), 2)
     result["top"] = {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}
     return result
 
 
-def run_path(name: str, base: torch.nn.Module, x: dict, args: argparse.Namespace) -> dict:
-    if not name.endswith("-mslk"):
-        return build_and_measure(name, base, x, args)
-    os.environ["QCONVERT_FP8_GEMM"] = "mslk"  # every FP8 GEMM through mslk, build and run
-    try:
-        return build_and_measure(name, base, x, args)
-    finally:
-        os.environ.pop("QCONVERT_FP8_GEMM", None)
+def ms(stats: dict) -> float:
+    return round(stats["median_s"] * 1000, 2)
 
 
-def build_and_measure(
-    name: str, base: torch.nn.Module, x: dict, args: argparse.Namespace
-) -> dict:
+def measure(name: str, x: dict, args: argparse.Namespace, rec: object) -> dict:
     from qconvert.loaders import fp8
 
     torch._dynamo.reset()
-    resident = torch.cuda.memory_allocated()  # the bf16 base every path is built from
     t = time.perf_counter()
-    row: dict = {"path": name, "fp8_gemm": fp8.gemm_backend()}
-    if name == "bf16":
-        model = copy.deepcopy(base)
-    elif name.startswith("torchao-"):
-        model = torchao_on_load(base, name)
-    else:
-        fmt = name.removesuffix("-all").removesuffix("-mslk")
-        model, row["runtime"] = ours(base, fmt, all_blocks=name.endswith("-all"))
+    model, row = build(name, rec)
+    row = {"path": name, "fp8_gemm": fp8.gemm_backend(), **row}
     row["build_s"] = round(time.perf_counter() - t, 1)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    measure(name, model, x, args, row, resident)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    try:
+        time_model(model, name, x, args, row)
+    finally:
+        del model
+        release()
     return row
 
 
-def measure(
-    name: str, model: torch.nn.Module, x: dict, args: argparse.Namespace, row: dict, resident: int
+def time_model(
+    model: torch.nn.Module, name: str, x: dict, args: argparse.Namespace, row: dict
 ) -> None:
-    row["weight_gib"] = round(weight_gib(model), 3)
-    with torch.inference_mode():
-        row["eager_ms"] = round(time_ms(lambda: model(**x), reps=args.reps), 2)
-    # GPU memory of this path while it runs (weights + activations; the shared base excluded).
-    row["peak_gib"] = round((torch.cuda.max_memory_allocated() - resident) / 2**30, 2)
+    row["weight_gib"] = round(bench.weight_bytes(model) / 2**30, 3)
+    reps = args.reps
+    row["eager_ms"] = ms(bench.timed(lambda: model(**x), 1, reps, CUDA))
+    row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     try:
-        row["graph_ms"] = round(graph_ms(model, x, reps=args.reps * 2), 2)
+        row["graph_ms"] = ms(bench.graph_timed(model, x, reps * 2))
     except Exception as e:
         row["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    if args.compile:
-        t = time.perf_counter()
-        model.compile_repeated_blocks(fullgraph=True)
+    if not args.compile:
+        return
+    t = time.perf_counter()
+    model.compile_repeated_blocks(fullgraph=True)
+    with torch.inference_mode():
+        model(**x)
+    row["compile_s"] = round(time.perf_counter() - t, 1)
+    row["compiled_ms"] = ms(bench.timed(lambda: model(**x), 1, reps * 2, CUDA))
+    if name in args.profile:
         with torch.inference_mode():
-            model(**x)
-        row["compile_s"] = round(time.perf_counter() - t, 1)
-        with torch.inference_mode():
-            row["compiled_ms"] = round(time_ms(lambda: model(**x), reps=args.reps * 2), 2)
-            if name in args.profile:
-                row["compiled_profile_ms"] = profile_kinds(lambda: model(**x))
-        try:
-            row["compiled_graph_ms"] = round(graph_ms(model, x, reps=args.reps * 2), 2)
-        except Exception as e:
-            row["compiled_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            row["compiled_profile_ms"] = profile_kinds(lambda: model(**x))
+    try:
+        row["compiled_graph_ms"] = ms(bench.graph_timed(model, x, reps * 2))
+    except Exception as e:
+        row["compiled_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def run_path(name: str, x: dict, args: argparse.Namespace, rec: object) -> dict:
+    if not name.endswith("-mslk"):
+        return measure(name, x, args, rec)
+    os.environ["QCONVERT_FP8_GEMM"] = "mslk"  # every FP8 GEMM through mslk, build and run
+    try:
+        return measure(name, x, args, rec)
+    finally:
+        os.environ.pop("QCONVERT_FP8_GEMM", None)
 
 
 def meta(batch: int) -> dict:
-    import diffusers
-    import torchao
-    import triton
+    from qconvert.evaluate.report import versions
 
     return {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "torchao": torchao.__version__, "diffusers": diffusers.__version__,
-        "triton": triton.__version__, "batch": batch,
+        "gpu": torch.cuda.get_device_name(), **versions(), "batch": batch,
         "resolution": "1024x1024 (4096 image + 512 text tokens)",
+        "inputs": "captured from the real-shape FLUX pipeline's first step",
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
 
 def ratios(rows: list[dict]) -> None:
-    bf16 = next((r for r in rows if r["path"] == "bf16"), None)
+    base = next((r for r in rows if r["path"] == "bf16"), None)
     for r in rows:
         for key in ("eager_ms", "graph_ms", "compiled_ms", "compiled_graph_ms", "weight_gib"):
-            if bf16 and key in r and key in bf16:
-                r[f"{key}_x_bf16"] = round(r[key] / bf16[key], 3)
+            if base and key in r and key in base:
+                r[f"{key}_x_bf16"] = round(r[key] / base[key], 3)
 
 
 def main() -> None:
@@ -276,23 +212,17 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=DEFAULT_PATHS)
     ap.add_argument("--profile", nargs="*", default=[], help="paths to profile (compiled)")
     args = ap.parse_args()
-    from diffusers import FluxTransformer2DModel
-
     torch._dynamo.config.cache_size_limit = 64
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        base = FluxTransformer2DModel(guidance_embeds=True).eval()
-    torch.set_default_dtype(torch.float32)
-    x = inputs(args.batch)
+    rec = realshape.recipe("flux")
+    x = step_inputs(args.batch)
     info = meta(args.batch)
     rows: list[dict] = []
     for name in args.paths:
         try:
-            row = run_path(name, base, x, args)
+            row = run_path(name, x, args, rec)
         except Exception as e:  # one path failing must not lose the others' numbers
             row = {"path": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            gc.collect()
-            torch.cuda.empty_cache()
+            release()
         rows.append(row)
         print(json.dumps(row), flush=True)
         ratios(rows)

@@ -28,13 +28,13 @@ from qconvert.cards.base import (
     restricts_use,
 )
 from qconvert.cards.context import context
-from qconvert.cards.measurements import QUALITY, SPEED, read_measurement
+from qconvert.cards.measurements import PICTURE, QUALITY, SPEED, read_measurement
 from qconvert.contain import ContainmentError, inside
 from qconvert.errors import ManifestError
 
 CARD = "README.md"
 # Files an output may hold besides those its manifest lists.
-EXTRA_FILES = (mf.MANIFEST, CARD, QUALITY, SPEED)
+EXTRA_FILES = (mf.MANIFEST, CARD, QUALITY, SPEED, PICTURE)
 TEMPLATE = Path(__file__).with_name("template.md.j2")
 TAGS = ("torchao", "qconvert")
 

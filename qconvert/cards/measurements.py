@@ -14,7 +14,17 @@ file exists. Both files share one schema::
     }
 
 Row values are strings, numbers, booleans or null; the table's columns are the rows' keys in
-first-seen order.
+first-seen order. ``qconvert eval`` and ``qconvert bench`` (``qconvert/evaluate``) also write
+fields the card shows when present (a hand-written file may leave them out)::
+
+    {
+      "picture": "quality.png",        # quality: bf16 | quantized side by side, beside the file
+      "notes": ["measured on a CPU: ..."],              # shown under the table
+      "versions": {"torch": "2.11.0+cu130", ...},       # the baseline's libraries
+      "real_shape": false,             # real architecture with random weights
+      "tiny": false,                   # qconvert's tiny test pipeline
+      ...                              # anything else (settings, per-prompt rows, raw timings)
+    }                                  # is for machines and not checked here
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from qconvert.contain import ContainmentError, inside
 
 QUALITY = "quality.json"
 SPEED = "speed.json"
+PICTURE = "quality.png"
+SHOWN_VERSIONS = ("torch", "torchao", "diffusers", "triton", "cuda")
 
 
 def read_measurement(root: Path, name: str) -> dict[str, Any] | None:
@@ -58,8 +70,12 @@ def read_measurement(root: Path, name: str) -> dict[str, Any] | None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
+    shown, problem = _extras(root, data)
+    if problem:
+        raise CardError(f"{path}: {problem}")
     # Shown as text that opens no markdown structure (the file is not qconvert's).
     return {
+        **shown,
         "setup": md.paragraph(data["setup"]),
         "device": md.text(data["device"]) if data.get("device") else None,
         "reference": md.text(data["reference"]) if data.get("reference") else None,
@@ -67,3 +83,33 @@ def read_measurement(root: Path, name: str) -> dict[str, Any] | None:
         "columns": [md.cell(c) for c in columns],
         "rows": [[md.cell(_value(row.get(c))) for c in columns] for row in rows],
     }
+
+
+def _extras(root: Path, data: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The optional fields the card shows, escaped, or the first problem as a message."""
+    out: dict[str, Any] = {"picture": None, "notes": [], "versions": None}
+    picture = data.get("picture")
+    if picture is not None:
+        if picture != PICTURE:
+            return out, f'"picture" must be "{PICTURE}" (the file push uploads)'
+        try:
+            found = inside(root, PICTURE, f"{root}: picture").is_file()
+        except ContainmentError as e:
+            return out, str(e)
+        if not found:
+            return out, f'"picture": {PICTURE} is missing beside it; re-run qconvert eval'
+        out["picture"] = md.relative_link(PICTURE)
+    notes = data.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        return out, '"notes" must be a list of strings'
+    out["notes"] = [md.text(n) for n in notes]
+    for key in ("real_shape", "tiny"):
+        if not isinstance(data.get(key, False), bool):
+            return out, f'"{key}" must be true or false'
+    versions = data.get("versions")
+    if versions is not None:
+        if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+            return out, '"versions" must map package names to version strings'
+        shown = [f"{k} {versions[k]}" for k in SHOWN_VERSIONS if k in versions]
+        out["versions"] = md.text(", ".join(shown)) if shown else None
+    return out, None

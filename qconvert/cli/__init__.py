@@ -1,8 +1,8 @@
 """The ``qconvert`` command line: Click only, a thin layer over the Python API.
 
 One module per command group (``convert``: the family commands, ``model``, ``plan``,
-``inspect``; ``hub``: ``push``, ``card``; ``build``: ``build``); ``common`` holds the error
-handler and the option groups they share.
+``inspect``; ``hub``: ``push``, ``card``; ``build``: ``build``; ``measure``: ``eval``,
+``bench``); ``common`` holds the error handler and the option groups they share.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from qconvert.cli import build, convert, hub
+    from qconvert.cli import build, convert, hub, measure
 
-    for module in (convert, hub, build):
+    for module in (convert, hub, build, measure):
         for command in module.commands():
             main.add_command(command)
 
