@@ -39,7 +39,7 @@ def test_tiny_nvfp4_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "tiny-nvfp4"
     result = run("flux", "--format", "nvfp4", "--tiny", "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
-    assert f"wrote {out} (nvfp4; recipe flux): 19/30 Linear layers quantized" in result.output
+    assert f"wrote {out} (nvfp4; recipe flux): 20/30 Linear layers quantized" in result.output
     assert "DiffusionPipeline.from_pretrained" in result.output
     manifest = json.loads((out / "qconvert.json").read_text())
     assert manifest["source"] == {**manifest["source"], "kind": "tiny", "family": "flux", "seed": 0}

@@ -89,14 +89,15 @@ def selection_options(f: F) -> F:
             "skips",
             multiple=True,
             metavar="PATTERN",
-            help="Keep matching layers in bf16 (substring, glob, or re:REGEX). Repeatable.",
+            help="Keep matching layers in bf16. PATTERN: a substring, exact:NAME (the whole "
+            "module name), a glob over the whole name, or re:REGEX. Repeatable.",
         ),
         click.option(
             "--only",
             multiple=True,
             metavar="PATTERN",
-            help="Quantize only matching layers (the recipe's other rules still apply). "
-            "Repeatable.",
+            help="Quantize only matching layers (same PATTERN forms; the recipe's other rules "
+            "still apply). Repeatable.",
         ),
         click.option(
             "--recipe",

@@ -27,18 +27,27 @@ def write_index(plan: Plan, dst: Path, weight_map: dict[str, str]) -> None:
 def config_json(plan: Plan, source: Source) -> str:
     """transformer/config.json: the source's config + the quantization_config diffusers reads."""
     from diffusers import TorchAoConfig
+    from torchao.quantization import FqnToConfig
 
     kept = [layer.name for layer in plan.layers if not layer.quantized]
-    if plan.formats == [plan.fmt.name]:
+    weights = [f"{layer.name}.weight" for layer in plan.layers if layer.quantized]
+    # diffusers reads modules_to_not_convert by substring (`name + "."` in the parameter name):
+    # a kept root `proj_out` there would also keep every `single_transformer_blocks.N.proj_out`.
+    # Such names are kept through the FqnToConfig instead (exact names, None = not quantized).
+    caught = {k for k in kept if any(f"{k}." in w for w in weights)}
+    if plan.formats == [plan.fmt.name] and not caught:
         quant_type = plan.fmt.config()  # what diffusers writes for a one-format model
-    else:
-        from torchao.quantization import FqnToConfig
-
+    elif plan.formats == [plan.fmt.name]:
+        quant_type = FqnToConfig({"_default": plan.fmt.config(), **dict.fromkeys(sorted(caught))})
+    else:  # mixed: every quantized layer by name; unnamed layers are not quantized
         quant_type = FqnToConfig(
             {layer.name: FORMATS[layer.action].config() for layer in plan.layers if layer.quantized}
         )
+    not_convert = [k for k in kept if k not in caught]
     config = dict(source.config)
-    config["quantization_config"] = TorchAoConfig(quant_type, modules_to_not_convert=kept).to_dict()
+    config["quantization_config"] = TorchAoConfig(
+        quant_type, modules_to_not_convert=not_convert
+    ).to_dict()
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
@@ -120,5 +129,3 @@ def manifest(
         ],
         "files": files,
     }
-
-
