@@ -38,7 +38,8 @@ def _license(manifest: dict[str, Any], base: Base, files: set[str]) -> dict[str,
         if str(link).lstrip("./") in files:
             link = str(link).lstrip("./")  # the base's LICENSE file was copied into this repo
         elif base.repo_id:
-            link = f"{HUB}/{base.repo_id}/blob/{base.commit or 'main'}/{str(link).lstrip('./')}"
+            ref = base.commit or base.revision or "main"
+            link = f"{HUB}/{base.repo_id}/blob/{ref}/{str(link).lstrip('./')}"
         else:
             link = None
     license_id = card.get("license")

@@ -111,6 +111,16 @@ def selection_options(f: F) -> F:
     return stack(options, f)
 
 
+base_model_option = click.option(
+    "--base-model",
+    default=None,
+    metavar="REPO[@REVISION]",
+    help="The Hub model the source is, for the card (base_model, license link) and the default "
+    "repo name; sets or overrides what the folder shows (a Hub cache path, `hf download "
+    "--local-dir` metadata).",
+)
+
+
 PUSH_OPTIONS = ("repo_id", "private", "push_revision", "create_pr", "commit_message", "token")
 
 

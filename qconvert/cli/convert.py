@@ -12,6 +12,7 @@ from qconvert.cli.common import (
     F,
     FormatType,
     SizeType,
+    base_model_option,
     command_line,
     quiet_libraries,
     selection_options,
@@ -60,6 +61,7 @@ def convert_options(f: F) -> F:
             show_default=True,
             help="Largest output shard (bounds memory use: about one shard).",
         ),
+        base_model_option,
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
         click.option(
             "--resume",

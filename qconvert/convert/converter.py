@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qconvert import manifest, tiny
+from qconvert.convert import base_model as base_models
 from qconvert.convert import record, workdir
 from qconvert.convert.plan import Plan, PlanError, Selection, make_plan, real_config_source
 from qconvert.convert.recipes import (
@@ -211,11 +212,14 @@ def convert(
     progress: bool = True,
     resume: bool = False,
     command: str = "qconvert (python API)",
+    base_model: str | None = None,
 ) -> Result:
     """Convert a diffusers pipeline's transformer; returns where it went and how.
 
     ``family`` is a family name or "auto" (the source's family if known, else the generic
     recipe); ``source`` is a local folder, a Hub repo id, or None for the family's tiny build.
+    ``base_model`` (``REPO[@REVISION]``) names the Hub model the source is, for the card; by
+    default it is recognized where the source shows it (``convert.base_model``).
     """
     start = time.perf_counter()
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
@@ -224,14 +228,17 @@ def convert(
         raise UsageError("--max-shard-size must be positive")
     if source is None and family == "auto":
         raise SourceError("give a source (a local folder or a Hub repo id)")
+    if base_model is not None:
+        base_models.parse(base_model)  # a bad value fails before any work
     output = Path(output)
     dev = resolve_device(device)
     work = workdir.work_dir(output, overwrite, resume)
     tiny_recipe = families().get(family) if source is None else None
     with open_source(source, tiny_recipe, revision, transformer_only) as src:
         plan = plan_for(src, family, fmt, selection, strict, max_shard_size)
+        base = base_models.resolve(src, base_model)
         only_transformer = transformer_only or src.transformer_only
-        job = _Job(plan, src, work, only_transformer, dev, progress, command)
+        job = _Job(plan, src, work, only_transformer, dev, progress, command, base)
         data = job.run()
         workdir.replace(work, output)
     seconds = time.perf_counter() - start
@@ -251,9 +258,11 @@ class _Job:
         device: torch.device,
         show_bar: bool,
         command: str,
+        base: dict[str, object] | None = None,
     ) -> None:
         self.plan, self.src, self.work, self.device = plan, src, work, device
         self.transformer_only, self.show_bar, self.command = transformer_only, show_bar, command
+        self.base = base
         self.dst = work if transformer_only else work / "transformer"
         self.stamps = {h.path: workdir.stamp(h.path) for h in src.shards}
         fingerprint = workdir.fingerprint(plan, src, plan.fmt.name, transformer_only)
@@ -303,7 +312,9 @@ class _Job:
         (work / PROGRESS).unlink()
         prefix = "" if self.transformer_only else "transformer/"
         files = manifest.file_table(work, known=known_hashes(self.progress, prefix))
-        data = record.manifest(plan, src, self.command, source_files, files, self.transformer_only)
+        data = record.manifest(
+            plan, src, self.command, source_files, files, self.transformer_only, self.base
+        )
         (work / manifest.MANIFEST).write_text(manifest.dumps(data))
         from qconvert.cards import write_card
 
