@@ -291,7 +291,7 @@ def test_wrong_family_says_which_command_fits(sources: dict[str, Path], tmp_path
         "-o",
         str(tmp_path / "o"),
     )
-    assert code != 0 and "not a FluxTransformer2DModel; use `qconvert qwenimage`" in out
+    assert code != 0 and "not FluxTransformer2DModel; use `qconvert qwenimage`" in out
     assert not (tmp_path / "o").exists()
     code, out = run("plan", "sd3", "--format", "nvfp4")
     assert code != 0 and "neither a family" in out

@@ -18,13 +18,16 @@ F = Callable[..., Any]
 
 class Group(click.Group):
     """The one place user errors become one line: a QconvertError prints its message and exits
-    1; Ctrl-C exits 130; anything else is a bug and keeps its traceback."""
+    with its exit_code (1; 130 for an interrupted conversion); Ctrl-C anywhere else exits 130
+    too; anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except QconvertError as e:
-            raise click.ClickException(str(e)) from None
+            error = click.ClickException(str(e))
+            error.exit_code = e.exit_code
+            raise error from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None

@@ -41,7 +41,9 @@ def push_and_report(output: Path, opts: dict[str, Any], account: Any = None) -> 
             account=account,
         )
     except KeyboardInterrupt:
-        raise click.ClickException(INTERRUPTED_PUSH) from None
+        error = click.ClickException(INTERRUPTED_PUSH)
+        error.exit_code = 130
+        raise error from None
     where = f"{result.url} (revision {result.revision}, commit {result.commit})"
     if not result.changed:
         click.echo(f"{where}: already has these files; nothing to push")

@@ -38,7 +38,6 @@ from qconvert.convert.source import (
     Source,
     SourceError,
     download,
-    looks_like_repo_id,
     open_local,
     remote_headers,
 )
@@ -46,6 +45,7 @@ from qconvert.convert.workdir import Interrupted, OutputError
 from qconvert.convert.writer import PROGRESS, Progress, known_hashes, shard_names, stream
 from qconvert.errors import UsageError
 from qconvert.formats import Format, get_format
+from qconvert.locate import hub_lookup, local_or_repo, looks_like_repo_id
 from qconvert.sizes import human_size
 
 log = logging.getLogger("qconvert")
@@ -89,12 +89,15 @@ def open_source(
             tiny.build(recipe.tiny, Path(tmp), seed)
             yield open_local(Path(tmp), {"kind": "tiny", "family": recipe.name, "seed": seed})
         return
-    if isinstance(source, str) and looks_like_repo_id(source):
-        yield download(source, revision, transformer_only, None)
+    where = local_or_repo(source)  # "no such folder" before any network access
+    if isinstance(where, str):
+        with hub_lookup(where):
+            src = download(where, revision, transformer_only, None)
+        yield src
         return
     if revision:
         raise SourceError(f"{source}: --revision only applies to Hub repo ids")
-    yield open_local(Path(source))
+    yield open_local(where)
 
 
 def selection_for(
@@ -150,9 +153,10 @@ def plan_for(
                 source.class_name,
             )
     if not any(layer.quantized for layer in plan.layers):
+        tiny = source.description.get("kind") == "tiny"  # its folder is a temporary one
+        where = f"the tiny {recipe.name} build" if tiny else source.transformer_dir
         raise PlanError(
-            f"{source.transformer_dir}: no Linear layer would be quantized; check --only, "
-            f"--skip and the recipe"
+            f"{where}: no Linear layer would be quantized; check --only, --skip and the recipe"
         )
     return plan
 
@@ -184,12 +188,14 @@ def plan_target(
         with open_source(None, recipe, None, False) as src:
             return plan_for(src, family, fmt, selection, strict)
     where = source or (recipe.default_source if recipe else target)
-    if looks_like_repo_id(where):
-        return plan_for(remote_headers(where, revision), family, fmt, selection, strict)
-    if family == "auto" and not Path(where).exists():
+    if family == "auto" and not looks_like_repo_id(where) and not Path(where).exists():
         raise SourceError(
             f"{target!r} is neither a family ({', '.join(known)}) nor an existing path or repo id"
         )
+    if looks_like_repo_id(where):
+        with hub_lookup(where):
+            remote = remote_headers(where, revision)
+        return plan_for(remote, family, fmt, selection, strict)
     with open_source(where, recipe, revision, False) as src:
         return plan_for(src, family, fmt, selection, strict)
 

@@ -23,6 +23,8 @@ class OutputError(QconvertError, ValueError):
 class Interrupted(QconvertError):
     """Ctrl-C during a conversion; the message says what was kept and how to resume."""
 
+    exit_code = 130
+
 
 def work_dir(output: Path, overwrite: bool, resume: bool) -> Path:
     """The work directory for ``output`` (checked, not created)."""

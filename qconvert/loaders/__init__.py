@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from qconvert.loaders.runtime import TABLE, device_class, prepare
+from qconvert.locate import hub_lookup, local_or_repo
 
 __all__ = ["TABLE", "device_class", "load_pipeline", "load_transformer", "prepare"]
 
@@ -47,7 +48,9 @@ def load_pipeline(
 
     dev = _device(device)
     kwargs.setdefault("dtype", torch.bfloat16)
-    pipe = DiffusionPipeline.from_pretrained(str(path_or_repo), **kwargs)
+    where = local_or_repo(path_or_repo)  # "no such folder" before any Hub call
+    with hub_lookup(where):
+        pipe = DiffusionPipeline.from_pretrained(str(where), **kwargs)
     pipe.to(dev)
     prepare(pipe.transformer, dev)
     return pipe
@@ -64,14 +67,17 @@ def load_transformer(
     from diffusers import AutoModel
 
     dev = _device(device)
-    if subfolder is None and not _has_root_config(path_or_repo, kwargs):
-        subfolder = "transformer"
+    where = local_or_repo(path_or_repo)  # "no such folder" before any Hub call
+    with hub_lookup(where):
+        if subfolder is None and not _has_root_config(where, kwargs):
+            subfolder = "transformer"
     kwargs.setdefault("dtype", torch.bfloat16)
     if dev.type == "cuda":  # straight to the GPU: bf16 weights are never staged on the host
         kwargs.setdefault("device_map", str(dev))
     if subfolder:
         kwargs["subfolder"] = subfolder
-    model = AutoModel.from_pretrained(str(path_or_repo), **kwargs)
+    with hub_lookup(where):
+        model = AutoModel.from_pretrained(str(where), **kwargs)
     model.to(dev)
     prepare(model, dev)
     return model
