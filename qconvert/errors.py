@@ -2,8 +2,8 @@
 
 Every failure a user can cause (a bad source, option, recipe, manifest, token, disk) raises a
 subclass of :class:`QconvertError` whose message is one line naming the file, key or option
-and what to do. The CLI prints those as one line and exits 1; anything else is a bug and keeps
-its traceback. Each part defines its own subclass next to the code that raises it
+and what to do. The CLI prints those as one line and exits 1 (130 after Ctrl-C); anything else
+is a bug and keeps its traceback. Each part defines its own subclass next to the code that raises it
 (``SourceError`` in ``convert.source``, ``PushError`` in ``hub``, …); this module imports
 nothing, so every part may use it.
 """
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 
 class QconvertError(Exception):
-    """A failure the user can fix; ``str(error)`` is the whole message, one line."""
+    """A failure the user can fix; ``str(error)`` is the whole message, one line. The CLI exits
+    with ``exit_code`` (130 for an interruption, as shells expect after Ctrl-C)."""
+
+    exit_code = 1
 
 
 class ManifestError(QconvertError, ValueError):

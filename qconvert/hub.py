@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qconvert import manifest as mf
+from qconvert import quiet
 from qconvert.cards import CARD, EXTRA_FILES, CardError, default_repo_name, write_card
 from qconvert.contain import ContainmentError, inside
 from qconvert.errors import QconvertError
@@ -350,16 +351,18 @@ def _upload(
     remote = api.list_repo_files(repo_id, revision=head, token=token)
     stale = sorted(set(remote) - set(local) - {".gitattributes"})
     operations += [CommitOperationDelete(p) for p in stale if _owned(p, top_dirs)]
-    info = api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or _commit_message(manifest),
-        commit_description="Made with qconvert; what, how and from what: qconvert.json.",
-        revision=None if branch == "main" else branch,
-        create_pr=create_pr,
-        parent_commit=head,
-        token=token,
-    )
+    # qconvert says "already has these files" itself; the client's own line would come first.
+    with quiet.dropped("huggingface_hub.hf_api", quiet.EMPTY_COMMIT):
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or _commit_message(manifest),
+            commit_description="Made with qconvert; what, how and from what: qconvert.json.",
+            revision=None if branch == "main" else branch,
+            create_pr=create_pr,
+            parent_commit=head,
+            token=token,
+        )
     changed = info.oid != head
     pr = changed and create_pr
     return PushResult(

@@ -96,7 +96,9 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
     }
 
 
-def render_plan(plan: Plan, as_json: bool) -> str:
+def render_plan(plan: Plan, as_json: bool, every_layer: bool = False) -> str:
+    """The plan as text (repeated blocks collapsed to ``blocks.N`` unless ``every_layer``) or
+    as JSON (always every layer)."""
     data = plan_dict(plan)
     if as_json:
         return json.dumps(data, indent=2, sort_keys=True)
@@ -104,7 +106,10 @@ def render_plan(plan: Plan, as_json: bool) -> str:
     lines = [
         f"plan: {plan.source_class} with recipe {plan.recipe.name} ({plan.recipe.title}), "
         f"format {', '.join(plan.formats) or plan.fmt.name}",
-        *layer_table(data["layers"], collapse=False),
+        "layers (every layer):"
+        if every_layer
+        else "layers (blocks collapsed: N = every block index; --all lists every layer):",
+        *layer_table(data["layers"], collapse=not every_layer),
         "",
         f"{s['quantized_layers']}/{s['linear_layers']} Linear layers quantized; "
         f"{s['params_quantized']:,} of {s['params']:,} params ({s['quantized_share']:.1%})",

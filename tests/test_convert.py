@@ -79,7 +79,7 @@ def test_plain_diffusers_loads_every_layer_bit_exact_with_torchao(
         quantize_(ref, FORMATS[fmt].config())
         expected = ref.weight
         assert_identical(got, expected, strides=False)  # got went through a file
-    assert n_quantized == manifest["summary"]["quantized_layers"] == 19
+    assert n_quantized == manifest["summary"]["quantized_layers"] == 20  # single proj_out too
     for key, value in source.state_dict().items():  # everything else: identical bytes
         if (
             key.removesuffix(".weight") not in decisions
@@ -146,13 +146,16 @@ def test_same_layout_as_diffusers_own_save(
 ) -> None:
     """diffusers quantize-on-load + save_pretrained (MX runs on CPU) writes what we write."""
     ours_cfg = json.loads((converted["mxfp8"] / "transformer" / "config.json").read_text())
-    kept = ours_cfg["quantization_config"]["modules_to_not_convert"]
+    # Our quantization_config, read back by diffusers, makes the same decisions as our plan
+    # (the root proj_out kept by exact name, every single block's proj_out quantized).
     model = FluxTransformer2DModel.from_pretrained(
         tiny_flux,
         subfolder="transformer",
         dtype=torch.bfloat16,
-        quantization_config=TorchAoConfig(FORMATS["mxfp8"].config(), modules_to_not_convert=kept),
+        quantization_config=TorchAoConfig.from_dict(ours_cfg["quantization_config"]),
     )
+    assert type(model.single_transformer_blocks[0].proj_out.weight).__name__ == "MXTensor"
+    assert type(model.proj_out.weight) is torch.nn.Parameter
     model.save_pretrained(tmp_path / "d", safe_serialization=True, max_shard_size="10MB")
     theirs_cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert theirs_cfg["quantization_config"] == ours_cfg["quantization_config"]

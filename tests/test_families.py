@@ -33,9 +33,9 @@ Q = "<format>"
 EXPECTED: dict[str, list[tuple[str, str, str]]] = {
     "flux": [
         (r"embed", "keep", "'embed'"),
-        (r"^norm_out\.linear$", "keep", "'norm_out.linear'"),
-        (r"proj_out$", "keep", "'proj_out'"),
-        (r"^(single_)?transformer_blocks\.\d+\.", Q, "quantized"),
+        (r"^norm_out\.linear$", "keep", "'exact:norm_out.linear'"),
+        (r"^proj_out$", "keep", "'exact:proj_out'"),
+        (r"^(single_)?transformer_blocks\.\d+\.", Q, "quantized"),  # single blocks' proj_out too
     ],
     "qwenimage": [
         (r"^time_text_embed\.", "keep", "'embed'"),
@@ -98,19 +98,33 @@ def test_plan_matches_the_recipe(family: str, sources: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "share", "ratio"),
-    [("flux", 0.844, 0.394), ("qwenimage", 0.333, 0.761), ("ltx2", 0.981, 0.295)],
+    ("family", "layers", "quantized", "share", "ratio"),
+    [
+        # FLUX.1-dev: the seed's exact-name rules keep 10 layers (8 embeddings, norm_out.linear,
+        # the final proj_out); all 38 single blocks' proj_out are quantized.
+        ("flux", 504, 494, 0.994355, 0.285307),
+        ("qwenimage", 846, 360, 0.332581, 0.760957),
+        ("ltx2", 1370, 1344, 0.981239, 0.294734),
+    ],
 )
-def test_real_architectures(family: str, share: float, ratio: float) -> None:
-    """On the real model configs, every recipe pattern matches a layer (none is stale) and the
-    quantized share and nvfp4 size ratio are what the closing notes report."""
+def test_real_architectures(
+    family: str, layers: int, quantized: int, share: float, ratio: float
+) -> None:
+    """On the real model configs (`qconvert plan FAMILY --format nvfp4 --real-config`), every
+    recipe pattern matches a layer (none is stale), each decision follows the recipe, and the
+    layer counts, quantized share and nvfp4 size ratio are the ones the README states."""
     recipe = families()[family]
     plan = plan_for(real_config_source(recipe), family, FORMATS["nvfp4"], selection_for())
     assert plan.unmatched == []
     check_decisions(family, "nvfp4", [vars(x) for x in plan.layers])
     s = plan.summary()
-    assert s["quantized_share"] == pytest.approx(share, abs=5e-4)
-    assert s["size_ratio"] == pytest.approx(ratio, abs=5e-4)
+    assert (s["linear_layers"], s["quantized_layers"]) == (layers, quantized)
+    assert s["quantized_share"] == pytest.approx(share, abs=1e-6)
+    assert s["size_ratio"] == pytest.approx(ratio, abs=1e-6)
+    if family == "flux":
+        assert s["size_ratio"] <= 0.29
+        kept = {x.name for x in plan.layers if not x.quantized}
+        assert "proj_out" in kept and "single_transformer_blocks.37.proj_out" not in kept
 
 
 @pytest.mark.parametrize("family", ["qwenimage", "ltx2"])
@@ -263,7 +277,7 @@ def test_wrong_family_says_which_command_fits(sources: dict[str, Path], tmp_path
         "-o",
         str(tmp_path / "o"),
     )
-    assert code != 0 and "not a FluxTransformer2DModel; use `qconvert qwenimage`" in out
+    assert code != 0 and "not FluxTransformer2DModel; use `qconvert qwenimage`" in out
     assert not (tmp_path / "o").exists()
     code, out = run("plan", "sd3", "--format", "nvfp4")
     assert code != 0 and "neither a family" in out
@@ -313,3 +327,40 @@ def test_pattern_matching_nothing_warns_and_strict_fails(
     )
     assert code != 0 and "no Linear layer would be quantized" in out
     assert not (tmp_path / "o").exists()
+
+
+def test_exact_name_patterns(tmp_path: Path) -> None:
+    """`exact:NAME` matches the whole module name only, in --skip, --only and recipe files
+    (the seed's `name == "proj_out"`); the other forms keep their meaning."""
+    from qconvert.convert.recipes import check_pattern, matches
+
+    assert matches("exact:proj_out", "proj_out")
+    assert not matches("exact:proj_out", "single_transformer_blocks.0.proj_out")
+    assert matches("proj_out", "single_transformer_blocks.0.proj_out")  # substring
+    assert matches("*.proj_out", "single_transformer_blocks.0.proj_out")  # glob
+    assert not matches("re:^proj_out$", "single_transformer_blocks.0.proj_out")
+    assert check_pattern("exact:") and check_pattern("exact:proj_out") is None
+
+    def decisions(*args: str) -> dict[str, dict[str, object]]:
+        code, out = run("plan", "flux", "--format", "nvfp4", "--tiny", "--json", *args)
+        assert code == 0, out
+        return {x["name"]: x for x in json.loads(out[out.index("{") :])["layers"]}
+
+    plain = decisions()
+    assert plain["single_transformer_blocks.0.proj_out"]["action"] == "nvfp4"
+    skipped = decisions("--skip", "exact:single_transformer_blocks.0.proj_mlp")
+    assert skipped["single_transformer_blocks.0.proj_mlp"]["reason"] == (
+        "--skip exact:single_transformer_blocks.0.proj_mlp"
+    )
+    assert sum(x["reason"].startswith("--skip") for x in skipped.values()) == 1
+    # A substring would also match single_transformer_blocks.0.attn.to_q; exact: does not.
+    to_q = "transformer_blocks.0.attn.to_q"
+    only = decisions("--only", f"exact:{to_q}")
+    assert [n for n, x in only.items() if x["action"] != "keep"] == [to_q]
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[[rule]]\npattern = "exact:{to_q}"\nformat = "mxfp8"\n')
+    mixed = decisions("--recipe", str(recipe))
+    assert mixed["transformer_blocks.0.attn.to_q"]["action"] == "mxfp8"
+    assert mixed["single_transformer_blocks.0.attn.to_q"]["action"] == "nvfp4"
+    code, out = run("plan", "flux", "--format", "nvfp4", "--tiny", "--skip", "exact:")
+    assert code != 0 and "exact: needs a module name" in out

@@ -148,7 +148,7 @@ def test_plan_from_a_repo_id_reads_headers_only(hub: HubServer, tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert remote["source"]["commit"] == hub.history(REPO)[0].sha
-    assert remote["summary"]["quantized_layers"] == 19
+    assert remote["summary"]["quantized_layers"] == 20
     # Nothing was downloaded whole: the weights' bytes moved through range reads only.
     moved = [r for r in hub.requests if r.server == "storage" and r.method == "GET"]
     assert moved and all(r.status == 206 for r in moved), moved

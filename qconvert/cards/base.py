@@ -1,6 +1,6 @@
-"""What a card says about the base model: its repo id and commit (from the manifest, or a
-Hugging Face cache path), a display name, the default repo name, and whether a license
-restricts use."""
+"""What a card says about the base model: its repo id and commit (from the manifest's
+``source.base_model`` record, the Hub source, or a Hugging Face cache path), a display name, the
+default repo name, and whether a license restricts use."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from qconvert.errors import QconvertError
 
-_HUB_CACHE_PATH = re.compile(
+HUB_CACHE_PATH = re.compile(
     r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<sha>[0-9a-f]{40})$"
 )
 _NON_COMMERCIAL = re.compile(r"(^|[-_ ])nc([-_ .]|$)|non[-_ ]?commercial", re.IGNORECASE)
@@ -28,6 +28,9 @@ class Base:
     commit: str | None
     name: str  # short display name, also the stem of the default repo name
     kind: str  # "hub", "local", "tiny", ...
+    revision: str | None = None  # a branch or tag, when that is what is known
+    origin: str | None = None  # where a local source's base came from: "flag", "hub cache
+    # path", "local-dir metadata" (convert.base_model)
 
 
 def base_of(manifest: dict[str, Any]) -> Base:
@@ -35,15 +38,28 @@ def base_of(manifest: dict[str, Any]) -> Base:
     kind = str(src.get("kind", "local"))
     if kind == "tiny":
         return Base(None, None, f"tiny-{src.get('family', 'model')}", kind)
+    path = str(src.get("path", "model")).rstrip("/")
+    folder = path.rsplit("/", 1)[-1] or "model"
+    recorded = src.get("base_model")
+    if isinstance(recorded, dict):  # --base-model, a cache path, --local-dir metadata
+        repo = recorded.get("repo_id")
+        name = str(repo).rsplit("/", 1)[-1] if repo else folder
+        return Base(
+            str(repo) if repo else None,
+            recorded.get("commit"),
+            name,
+            kind,
+            recorded.get("revision"),
+            recorded.get("from"),
+        )
     if src.get("repo_id"):
         repo = str(src["repo_id"])
         return Base(repo, src.get("commit"), repo.rsplit("/", 1)[-1], kind)
-    path = str(src.get("path", "model")).rstrip("/")
-    cached = _HUB_CACHE_PATH.search(path)
-    if cached:  # a folder of the Hub cache: the repo and commit are in its path
+    cached = HUB_CACHE_PATH.search(path)
+    if cached:  # a folder of the Hub cache (manifests from before base_model was recorded)
         repo = f"{cached['org']}/{cached['name']}"
-        return Base(repo, cached["sha"], cached["name"], kind)
-    return Base(None, None, path.rsplit("/", 1)[-1] or "model", kind)
+        return Base(repo, cached["sha"], cached["name"], kind, None, "hub cache path")
+    return Base(None, None, folder, kind)
 
 
 def formats_of(manifest: dict[str, Any]) -> list[str]:

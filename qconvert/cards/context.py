@@ -45,8 +45,8 @@ def _license(manifest: dict[str, Any], base: Base, files: set[str]) -> dict[str,
         if rel in files:
             link = md.relative_link(rel)  # the base's LICENSE file was copied into this repo
         elif base.repo_id and is_plain(rel):
-            blob = f"blob/{base.commit or 'main'}/{md.relative_link(rel)}"
-            link = md.url(f"{HUB}/{base.repo_id}/{blob}")
+            ref = base.commit or base.revision or "main"
+            link = md.url(f"{HUB}/{base.repo_id}/blob/{ref}/{md.relative_link(rel)}")
         else:
             link = None
     else:

@@ -7,16 +7,9 @@ One module per command group (``convert``: the family commands, ``model``, ``pla
 
 from __future__ import annotations
 
-import logging
-
 import click
 
-# Before torchao is imported: its loader logs a warning per unbuilt CUDA extension, and torch
-# warns about enum registration; neither is actionable for a user of this CLI.
-logging.getLogger("torchao").setLevel(logging.ERROR)
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-from qconvert.cli.common import Group  # noqa: E402
+from qconvert.cli.common import Group  # (importing qconvert applied qconvert.quiet)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

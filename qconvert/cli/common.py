@@ -18,13 +18,16 @@ F = Callable[..., Any]
 
 class Group(click.Group):
     """The one place user errors become one line: a QconvertError prints its message and exits
-    1; Ctrl-C exits 130; anything else is a bug and keeps its traceback."""
+    with its exit_code (1; 130 for an interrupted conversion); Ctrl-C anywhere else exits 130
+    too; anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except QconvertError as e:
-            raise click.ClickException(str(e)) from None
+            error = click.ClickException(str(e))
+            error.exit_code = e.exit_code
+            raise error from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None
@@ -89,14 +92,15 @@ def selection_options(f: F) -> F:
             "skips",
             multiple=True,
             metavar="PATTERN",
-            help="Keep matching layers in bf16 (substring, glob, or re:REGEX). Repeatable.",
+            help="Keep matching layers in bf16. PATTERN: a substring, exact:NAME (the whole "
+            "module name), a glob over the whole name, or re:REGEX. Repeatable.",
         ),
         click.option(
             "--only",
             multiple=True,
             metavar="PATTERN",
-            help="Quantize only matching layers (the recipe's other rules still apply). "
-            "Repeatable.",
+            help="Quantize only matching layers (same PATTERN forms; the recipe's other rules "
+            "still apply). Repeatable.",
         ),
         click.option(
             "--recipe",
@@ -108,6 +112,16 @@ def selection_options(f: F) -> F:
         click.option("--strict", is_flag=True, help="Fail when a pattern matches no Linear layer."),
     ]
     return stack(options, f)
+
+
+base_model_option = click.option(
+    "--base-model",
+    default=None,
+    metavar="REPO[@REVISION]",
+    help="The Hub model the source is, for the card (base_model, license link) and the default "
+    "repo name; sets or overrides what the folder shows (a Hub cache path, `hf download "
+    "--local-dir` metadata).",
+)
 
 
 PUSH_OPTIONS = ("repo_id", "private", "push_revision", "create_pr", "commit_message", "token")

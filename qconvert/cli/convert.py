@@ -12,6 +12,7 @@ from qconvert.cli.common import (
     F,
     FormatType,
     SizeType,
+    base_model_option,
     command_line,
     quiet_libraries,
     selection_options,
@@ -58,8 +59,10 @@ def convert_options(f: F) -> F:
             type=SizeType(),
             default="5GB",
             show_default=True,
-            help="Largest output shard (bounds memory use: about one shard).",
+            help="Largest output shard file (memory use does not depend on it: tensors are "
+            "streamed).",
         ),
+        base_model_option,
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
         click.option(
             "--resume",
@@ -92,23 +95,58 @@ def _run_convert(family: str, source: str | None, stem: str, opts: dict[str, Any
         f"{human_size(int(s['bf16_bytes']))} bf16 → {human_size(int(s['output_bytes']))} "
         f"({float(s['size_ratio']):.2f}×) in {result.seconds:.1f} s"
     )
-    out = str(result.output)
-    click.echo("load it with:")
-    if not (result.output / "config.json").exists():
-        click.echo(
-            f"  from diffusers import DiffusionPipeline; "
-            f"pipe = DiffusionPipeline.from_pretrained({out!r})"
-        )
-        click.echo(f"  from qconvert.loaders import load_pipeline; pipe = load_pipeline({out!r})")
-    else:
-        click.echo(
-            f"  from qconvert.loaders import load_transformer; t = load_transformer({out!r})"
-        )
+    for line in load_hint(result.output, result.plan.formats):
+        click.echo(line)
     if account is not None:
         try:
             push_and_report(result.output, hub, account)
         except QconvertError as e:
             raise click.ClickException(f"{e} (the output is in {result.output})") from None
+
+
+def load_hint(output: Path, formats: list[str]) -> list[str]:
+    """How to load ``output``, for this machine: plain diffusers first where the weights run as
+    saved here, else ``qconvert.loaders`` (which picks the path this device runs). Every snippet
+    runs as printed."""
+    import torch
+
+    from qconvert.formats import FORMATS
+    from qconvert.loaders.runtime import DEVICE_LABELS, NATIVE_PATH, TABLE, device_class
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    here = device_class(device)
+    kinds = [FORMATS[f].tensor_type() for f in formats]
+    native = [
+        DEVICE_LABELS[d].split(" (")[0]
+        for d in DEVICE_LABELS
+        if all(TABLE[(k, d)].name == NATIVE_PATH for k in kinds)
+    ]
+    out = str(output)
+    if (output / "config.json").exists():  # a lone transformer
+        ours = f"from qconvert.loaders import load_transformer; t = load_transformer({out!r})"
+        plain = (
+            f"import torch; from diffusers import AutoModel; "
+            f"t = AutoModel.from_pretrained({out!r}, dtype=torch.bfloat16)"
+        )
+    else:
+        ours = f"from qconvert.loaders import load_pipeline; pipe = load_pipeline({out!r})"
+        plain = (
+            f"import torch; from diffusers import DiffusionPipeline; "
+            f"pipe = DiffusionPipeline.from_pretrained({out!r}, dtype=torch.bfloat16)"
+        )
+    if all(TABLE[(k, here)].name == NATIVE_PATH for k in kinds):
+        return [
+            "load it with (plain diffusers runs these weights as saved on this GPU):",
+            f"  {plain}",
+            "or, on any device (picks the kernels it runs):",
+            f"  {ours}",
+        ]
+    return [
+        f"load it with (qconvert.loaders picks what runs on {DEVICE_LABELS[here]}):",
+        f"  {ours}",
+        f"plain diffusers loads it too, but runs it as saved only on {' and '.join(native)}:",
+        f"  {plain}",
+    ]
 
 
 def _family_command(family: str) -> click.Command:
@@ -118,7 +156,7 @@ def _family_command(family: str) -> click.Command:
 
     @click.command(
         name=family,
-        help=f"""Convert a {recipe.title} pipeline's {recipe.transformer_class} to a quantized
+        help=f"""Convert the {recipe.transformer_class} of {recipe.title} pipelines to a quantized
         checkpoint: Linear weights become torchao tensors bit-exact with what torchao builds on
         Blackwell; every other file is copied, so `DiffusionPipeline.from_pretrained(OUT)` works.
 
@@ -188,10 +226,14 @@ def model(source: str, **opts: Any) -> None:
     "download at all).",
 )
 @selection_options
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan(target: str, as_json: bool, **opts: Any) -> None:
+@click.option(
+    "--all", "every_layer", is_flag=True, help="List every layer (default: blocks collapsed)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every layer).")
+def plan(target: str, as_json: bool, every_layer: bool, **opts: Any) -> None:
     """Show what a conversion would do, reading only safetensors headers: per-layer decision
-    and reason, the parameter share quantized and the estimated size vs bf16. Seconds.
+    and reason (repeated blocks collapsed to blocks.N; --all for every layer), the parameter
+    share quantized and the estimated size vs bf16. Seconds.
 
     \b
     Examples:
@@ -210,7 +252,7 @@ def plan(target: str, as_json: bool, **opts: Any) -> None:
         if str(e).startswith("--source, --tiny"):
             raise click.UsageError(str(e)) from None
         raise
-    click.echo(render_plan(result, as_json))
+    click.echo(render_plan(result, as_json, every_layer))
 
 
 @click.command()

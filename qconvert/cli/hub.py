@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from qconvert.cli.common import PUSH_OPTIONS, F, hub_options
+from qconvert.cli.common import PUSH_OPTIONS, F, base_model_option, hub_options
 
 INTERRUPTED_PUSH = "interrupted; nothing was committed: re-run to resume the upload"
 
@@ -41,7 +41,9 @@ def push_and_report(output: Path, opts: dict[str, Any], account: Any = None) -> 
             account=account,
         )
     except KeyboardInterrupt:
-        raise click.ClickException(INTERRUPTED_PUSH) from None
+        error = click.ClickException(INTERRUPTED_PUSH)
+        error.exit_code = 130
+        raise error from None
     where = f"{result.url} (revision {result.revision}, commit {result.commit})"
     if not result.changed:
         click.echo(f"{where}: already has these files; nothing to push")
@@ -103,19 +105,25 @@ def push_command(path: Path, quiet: bool, **opts: Any) -> None:
     metavar="ID",
     help="Repo id the usage snippets load [default: <base model>-<format>].",
 )
-def card(path: Path, repo_id: str | None) -> None:
+@base_model_option
+def card(path: Path, repo_id: str | None, base_model: str | None) -> None:
     """Re-render a qconvert output's README.md (model card) from its manifest, plus quality.json
-    and speed.json when present.
+    and speed.json when present. --base-model records the base in the manifest first.
 
     \b
-    Example:
+    Examples:
       qconvert card FLUX.1-dev-nvfp4 --repo-id alice/FLUX.1-dev-nvfp4
+      qconvert card out/my-flux-nvfp4 --base-model black-forest-labs/FLUX.1-dev@main
     """
     from qconvert.cards import write_card
     from qconvert.hub import validate_repo_id
 
     if repo_id is not None:  # NAMESPACE/NAME, or a bare NAME (the default's form)
         validate_repo_id(repo_id, bare_ok=True)
+    if base_model is not None:
+        from qconvert.convert.base_model import set_base_model
+
+        set_base_model(path, base_model)
     click.echo(f"wrote {write_card(path, repo_id)}")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qconvert import manifest, tiny
+from qconvert.convert import base_model as base_models
 from qconvert.convert import record, workdir
 from qconvert.convert.plan import Plan, PlanError, Selection, make_plan, real_config_source
 from qconvert.convert.recipes import (
@@ -37,7 +38,6 @@ from qconvert.convert.source import (
     Source,
     SourceError,
     download,
-    looks_like_repo_id,
     open_local,
     remote_headers,
 )
@@ -45,6 +45,7 @@ from qconvert.convert.workdir import Interrupted, OutputError
 from qconvert.convert.writer import PROGRESS, Progress, known_hashes, shard_names, stream
 from qconvert.errors import UsageError
 from qconvert.formats import Format, get_format
+from qconvert.locate import hub_lookup, local_or_repo, looks_like_repo_id
 from qconvert.sizes import human_size
 
 log = logging.getLogger("qconvert")
@@ -95,12 +96,15 @@ def open_source(
             tiny.build(recipe.tiny, Path(tmp), seed)
             yield open_local(Path(tmp), {"kind": "tiny", "family": recipe.name, "seed": seed})
         return
-    if isinstance(source, str) and looks_like_repo_id(source):
-        yield download(source, revision, transformer_only, None)
+    where = local_or_repo(source)  # "no such folder" before any network access
+    if isinstance(where, str):
+        with hub_lookup(where):
+            src = download(where, revision, transformer_only, None)
+        yield src
         return
     if revision:
         raise SourceError(f"{source}: --revision only applies to Hub repo ids")
-    yield open_local(Path(source))
+    yield open_local(where)
 
 
 def selection_for(
@@ -156,9 +160,10 @@ def plan_for(
                 source.class_name,
             )
     if not any(layer.quantized for layer in plan.layers):
+        tiny = source.description.get("kind") == "tiny"  # its folder is a temporary one
+        where = f"the tiny {recipe.name} build" if tiny else source.transformer_dir
         raise PlanError(
-            f"{source.transformer_dir}: no Linear layer would be quantized; check --only, "
-            f"--skip and the recipe"
+            f"{where}: no Linear layer would be quantized; check --only, --skip and the recipe"
         )
     return plan
 
@@ -190,12 +195,14 @@ def plan_target(
         with open_source(None, recipe, None, False) as src:
             return plan_for(src, family, fmt, selection, strict)
     where = source or (recipe.default_source if recipe else target)
-    if looks_like_repo_id(where):
-        return plan_for(remote_headers(where, revision), family, fmt, selection, strict)
-    if family == "auto" and not Path(where).exists():
+    if family == "auto" and not looks_like_repo_id(where) and not Path(where).exists():
         raise SourceError(
             f"{target!r} is neither a family ({', '.join(known)}) nor an existing path or repo id"
         )
+    if looks_like_repo_id(where):
+        with hub_lookup(where):
+            remote = remote_headers(where, revision)
+        return plan_for(remote, family, fmt, selection, strict)
     with open_source(where, recipe, revision, False) as src:
         return plan_for(src, family, fmt, selection, strict)
 
@@ -218,11 +225,14 @@ def convert(
     progress: bool = True,
     resume: bool = False,
     command: str = "qconvert (python API)",
+    base_model: str | None = None,
 ) -> Result:
     """Convert a diffusers pipeline's transformer; returns where it went and how.
 
     ``family`` is a family name or "auto" (the source's family if known, else the generic
     recipe); ``source`` is a local folder, a Hub repo id, or None for the family's tiny build.
+    ``base_model`` (``REPO[@REVISION]``) names the Hub model the source is, for the card; by
+    default it is recognized where the source shows it (``convert.base_model``).
     """
     start = time.perf_counter()
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
@@ -231,6 +241,8 @@ def convert(
         raise UsageError("--max-shard-size must be positive")
     if source is None and family == "auto":
         raise SourceError("give a source (a local folder or a Hub repo id)")
+    if base_model is not None:
+        base_models.parse(base_model)  # a bad value fails before any work
     output = Path(output)
     dev = resolve_device(device)
     if source is not None and Path(source).exists():
@@ -243,7 +255,8 @@ def convert(
             only_transformer = transformer_only or src.transformer_only
             copies = src.component_files(only_transformer)  # checked before the long work
             plan = plan_for(src, family, fmt, selection, strict, max_shard_size)
-            job = _Job(plan, src, work, only_transformer, copies, dev, progress, command)
+            base = base_models.resolve(src, base_model)
+            job = _Job(plan, src, work, only_transformer, copies, dev, progress, command, base)
             data = job.run()
             workdir.replace(work, output)
     seconds = time.perf_counter() - start
@@ -264,9 +277,11 @@ class _Job:
         device: torch.device,
         show_bar: bool,
         command: str,
+        base: dict[str, object] | None = None,
     ) -> None:
         self.plan, self.src, self.work, self.device = plan, src, work, device
         self.transformer_only, self.show_bar, self.command = transformer_only, show_bar, command
+        self.base = base
         self.dst = work if transformer_only else work / "transformer"
         self.stamps = {h.path: workdir.stamp(h.path) for h in src.shards}
         fingerprint = workdir.fingerprint(plan, src, plan.fmt.name, transformer_only)
@@ -345,7 +360,9 @@ class _Job:
         (work / PROGRESS).unlink()
         prefix = "" if self.transformer_only else "transformer/"
         files = manifest.file_table(work, known=known_hashes(self.progress, prefix))
-        data = record.manifest(plan, src, self.command, source_files, files, self.transformer_only)
+        data = record.manifest(
+            plan, src, self.command, source_files, files, self.transformer_only, self.base
+        )
         (work / manifest.MANIFEST).write_text(manifest.dumps(data))
         from qconvert.cards import write_card
 

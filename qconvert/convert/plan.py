@@ -265,8 +265,8 @@ def check_family(source: Source, recipe: Recipe) -> None:
             else "use `qconvert model` (generic recipe) for other transformers"
         )
         raise PlanError(
-            f"{source.transformer_dir}: the transformer is a {source.class_name or 'unknown class'}"
-            f", not a {recipe.transformer_class}; {hint}"
+            f"{source.transformer_dir}: the transformer's class is "
+            f"{source.class_name or 'unknown'}, not {recipe.transformer_class}; {hint}"
         )
 
 

@@ -4,8 +4,9 @@ Family recipes are data: one TOML file per family in ``family_recipes/`` (its cl
 source, the real transformer's config, and skip rules with the reason that goes into the plan,
 the manifest and the card). Users add rules with ``--skip`` / ``--only`` or a recipe file
 (TOML) that maps patterns to formats or to "keep". Patterns match module names: a plain
-pattern as a substring (the seed's ``"embed" in name``), one with ``* ? [`` as a glob over the
-whole name, and ``re:...`` as a regular expression searched in the name.
+pattern as a substring (the seed's ``"embed" in name``), ``exact:NAME`` as the whole name (the
+seed's ``name == "proj_out"``), one with ``* ? [`` as a glob over the whole name, and
+``re:...`` as a regular expression searched in the name.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from qconvert.formats import FORMATS
 # too small for low-precision kernels to pay for their quantization overhead).
 MIN_FEATURES = 1024
 KEEP = "keep"
+EXACT = "exact:"
+REGEX = "re:"
 
 
 class RecipeError(QconvertError, ValueError):
@@ -65,9 +68,12 @@ class UserRecipe:
 
 
 def matches(pattern: str, name: str) -> bool:
-    """Whether a pattern matches a module name (substring, glob or ``re:`` regex)."""
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
+    """Whether a pattern matches a module name: substring, ``exact:`` whole name, glob over the
+    whole name, or ``re:`` regex searched in it."""
+    if pattern.startswith(REGEX):
+        return re.search(pattern[len(REGEX) :], name) is not None
+    if pattern.startswith(EXACT):
+        return name == pattern[len(EXACT) :]
     if any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(name, pattern)
     return pattern in name
@@ -77,11 +83,13 @@ def check_pattern(pattern: str) -> str | None:
     """Why a user-given pattern is invalid, or None."""
     if not pattern.strip():
         return "empty pattern"
-    if pattern.startswith("re:"):
+    if pattern.startswith(REGEX):
         try:
-            re.compile(pattern[3:])
+            re.compile(pattern[len(REGEX) :])
         except re.error as e:
-            return f"invalid regular expression {pattern[3:]!r}: {e}"
+            return f"invalid regular expression {pattern[len(REGEX) :]!r}: {e}"
+    if pattern.startswith(EXACT) and not pattern[len(EXACT) :].strip():
+        return f"{EXACT} needs a module name, e.g. {EXACT}proj_out"
     return None
 
 

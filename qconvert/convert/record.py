@@ -30,6 +30,7 @@ def config_json(plan: Plan, source: Source) -> str:
     from diffusers import TorchAoConfig
 
     kept = [layer.name for layer in plan.layers if not layer.quantized]
+    weights = [f"{layer.name}.weight" for layer in plan.layers if layer.quantized]
     if plan.formats == [plan.fmt.name]:
         quant_type = plan.fmt.config()  # what diffusers writes for a one-format model
     else:
@@ -38,8 +39,16 @@ def config_json(plan: Plan, source: Source) -> str:
         quant_type = FqnToConfig(
             {layer.name: FORMATS[layer.action].config() for layer in plan.layers if layer.quantized}
         )
+    # diffusers matches modules_to_not_convert by substring (`key + "."` in the parameter name,
+    # or `key ==` it): a kept root `proj_out` would also keep every
+    # `single_transformer_blocks.N.proj_out`. Such a layer is named by its weight: exact.
+    not_convert = [
+        f"{name}.weight" if any(f"{name}." in w for w in weights) else name for name in kept
+    ]
     config = dict(source.config)
-    config["quantization_config"] = TorchAoConfig(quant_type, modules_to_not_convert=kept).to_dict()
+    config["quantization_config"] = TorchAoConfig(
+        quant_type, modules_to_not_convert=not_convert
+    ).to_dict()
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
@@ -67,17 +76,21 @@ def manifest(
     source_files: list[dict[str, object]],
     files: list[dict[str, object]],
     transformer_only: bool,
+    base: dict[str, object] | None = None,
 ) -> dict[str, object]:
     from torchao.core.config import config_to_dict
 
     recipe = plan.recipe
     user = plan.selection.user
+    described = {**source.description, "class": source.class_name, "files": source_files}
+    if base is not None:  # only when there is something to say: plain runs are unchanged
+        described["base_model"] = base
     return {
         "schema": SCHEMA,
         "tool": "qconvert",
         "command": command,
         "versions": versions(),
-        "source": {**source.description, "class": source.class_name, "files": source_files},
+        "source": described,
         "format": {
             "name": plan.fmt.name,
             "description": plan.fmt.description,

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconvert.contain import ContainmentError, component_name, files_under, inside
 from qconvert.convert.safetensors_io import Header, header_length, parse_header, read_header
 from qconvert.errors import QconvertError
+from qconvert.locate import looks_like_repo_id as looks_like_repo_id  # (moved; re-exported)
 
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class SourceError(QconvertError, ValueError):
@@ -71,10 +70,6 @@ def components(model_index: dict[str, object], where: Path) -> list[str]:
         if value[0] is not None:
             names.append(component_name(key, str(where)))
     return names
-
-
-def looks_like_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.match(text)) and not Path(text).exists()
 
 
 def _read_json(path: Path) -> dict[str, object]:
@@ -266,7 +261,8 @@ def download(
         ) from e
     except RepositoryNotFoundError as e:
         raise SourceError(
-            f"{repo_id}: repo not found (or private: log in with `hf auth login`)"
+            f"{repo_id}: no such folder, and repo not found on the Hub (or private: log in with "
+            f"`hf auth login`)"
         ) from e
     except RevisionNotFoundError as e:
         raise SourceError(f"{repo_id}: revision {revision!r} not found") from e

@@ -42,6 +42,8 @@ class OutputError(QconvertError, ValueError):
 class Interrupted(QconvertError):
     """Ctrl-C during a conversion; the message says what was kept and how to resume."""
 
+    exit_code = 130
+
 
 def _make_parents(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; the ones created, deepest first."""

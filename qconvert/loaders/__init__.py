@@ -18,6 +18,7 @@ import torch
 
 from qconvert.loaders import fastpipe
 from qconvert.loaders.runtime import TABLE, device_class, prepare
+from qconvert.locate import hub_lookup, local_or_repo
 
 __all__ = ["TABLE", "device_class", "load_pipeline", "load_transformer", "prepare"]
 
@@ -53,10 +54,12 @@ def load_pipeline(
 
     dev = _device(device)
     kwargs.setdefault("dtype", torch.bfloat16)
-    fast = fastpipe.pipeline(path_or_repo, dev, kwargs)  # None: not for the fast path (logged)
+    where = local_or_repo(path_or_repo)  # "no such folder" before any Hub call
+    fast = fastpipe.pipeline(where, dev, kwargs)  # None: not for the fast path (logged)
     if fast is not None:
         return fast
-    pipe = DiffusionPipeline.from_pretrained(str(path_or_repo), **kwargs)
+    with hub_lookup(where):
+        pipe = DiffusionPipeline.from_pretrained(str(where), **kwargs)
     pipe.to(dev)
     prepare(pipe.transformer, dev)
     return pipe
@@ -74,16 +77,19 @@ def load_transformer(
 
     dev = _device(device)
     kwargs.setdefault("dtype", torch.bfloat16)
-    fast = fastpipe.transformer(path_or_repo, dev, subfolder, kwargs)  # None: not for it (logged)
+    where = local_or_repo(path_or_repo)  # "no such folder" before any Hub call
+    fast = fastpipe.transformer(where, dev, subfolder, kwargs)  # None: not for it (logged)
     if fast is not None:
         return fast
-    if subfolder is None and not _has_root_config(path_or_repo, kwargs):
-        subfolder = "transformer"
+    with hub_lookup(where):
+        if subfolder is None and not _has_root_config(where, kwargs):
+            subfolder = "transformer"
     if dev.type == "cuda":  # straight to the GPU: bf16 weights are never staged on the host
         kwargs.setdefault("device_map", str(dev))
     if subfolder:
         kwargs["subfolder"] = subfolder
-    model = AutoModel.from_pretrained(str(path_or_repo), **kwargs)
+    with hub_lookup(where):
+        model = AutoModel.from_pretrained(str(where), **kwargs)
     model.to(dev)
     prepare(model, dev)
     return model
