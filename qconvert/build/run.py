@@ -206,7 +206,8 @@ class _Runner:
     ) -> None:
         from qconvert.convert import DEFAULT_MAX_SHARD, OutputError, convert
 
-        leftovers = [p for p in state.iterdir() if p.name != MARKER]
+        # an interrupted conversion's work folder (the converter's lock file may stay too)
+        leftovers = [p for p in state.iterdir() if p.is_dir()]
         result.resumed = bool(leftovers)
         kwargs: dict[str, Any] = {
             "family": target.family,
@@ -233,7 +234,7 @@ class _Runner:
             # local source folder was moved or its files touched): start it afresh, once
             self.options.report(f"qconvert build: {target.name}: cannot resume; starting over")
             for path in leftovers:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                shutil.rmtree(path)
             result.resumed = False
             convert(output, **kwargs)
         if result.resumed:
