@@ -182,19 +182,32 @@ def test_missing_path_is_no_such_folder_before_any_hub_lookup(tmp_path: Path) ->
     assert not any("typo" in r.path for r in requests)  # never asked the Hub about a path
 
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home2")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "qconvert", "flux", "--format", "nvfp4", "--source", "typo/dir"],
-        capture_output=True,
-        text=True,
+    proc = python(
+        """
+        import json
+        from click.testing import CliRunner
+        from qconvert.cli import main
+        from qconvert.loaders import load_transformer
+        run = CliRunner().invoke(main, ["flux", "--format", "nvfp4", "--source", "typo/dir"])
+        try:
+            load_transformer("typo/dir")
+        except Exception as e:
+            error = [type(e).__name__, str(e)]
+        print("RESULT=" + json.dumps({"code": run.exit_code, "cli": run.output, "api": error}))
+        """,
         env=offline,
         cwd=tmp_path,
-        timeout=300,
-        check=False,
     )
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert lines(proc.stderr) == [
-        "Error: typo/dir: no such folder, and it cannot be looked up as a Hub repo offline "
-        "(HF_HUB_OFFLINE is set)"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc.stderr) == []
+    got = json.loads(proc.stdout.split("RESULT=", 1)[1])
+    cli = lines(got["cli"])
+    assert got["code"] == 1 and len(cli) == 1 and cli[0].startswith("Error: typo/dir: ")
+    assert "HF_HUB_OFFLINE" in cli[0]
+    assert got["api"] == [
+        "NotFoundError",
+        "typo/dir: no such folder, and it cannot be looked up as a Hub repo offline "
+        "(HF_HUB_OFFLINE is set)",
     ]
 
 

@@ -55,7 +55,8 @@ def load_pipeline(
     dev = _device(device)
     kwargs.setdefault("dtype", torch.bfloat16)
     where = local_or_repo(path_or_repo)  # "no such folder" before any Hub call
-    fast = fastpipe.pipeline(where, dev, kwargs)  # None: not for the fast path (logged)
+    with hub_lookup(where):
+        fast = fastpipe.pipeline(where, dev, kwargs)  # None: not for the fast path (logged)
     if fast is not None:
         return fast
     with hub_lookup(where):
@@ -78,7 +79,8 @@ def load_transformer(
     dev = _device(device)
     kwargs.setdefault("dtype", torch.bfloat16)
     where = local_or_repo(path_or_repo)  # "no such folder" before any Hub call
-    fast = fastpipe.transformer(where, dev, subfolder, kwargs)  # None: not for it (logged)
+    with hub_lookup(where):
+        fast = fastpipe.transformer(where, dev, subfolder, kwargs)  # None: not for it (logged)
     if fast is not None:
         return fast
     with hub_lookup(where):
