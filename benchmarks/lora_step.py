@@ -73,12 +73,11 @@ def run(name: str, base: torch.nn.Module, x: dict, args: argparse.Namespace) -> 
     targets = ["to_out.0", "proj_mlp"] if name.endswith("-no-qkv") else TARGETS
     row["lora_layers"] = add_lora(model, targets, args.rank)
     row["lora_targets"] = targets
-    with torch.inference_mode():
+    with torch.compiler.set_stance("force_eager"), torch.inference_mode():  # blocks compiled
         row["eager_lora_ms"] = round(time_ms(lambda: model(**x), reps=args.reps), 2)
+        eager_out = model(**x)[0].float()
     attn = model.transformer_blocks[0].attn
     row["fused_qkv_with_lora"] = bool(getattr(attn, "fused_projections", False))
-    with torch.compiler.set_stance("force_eager"), torch.inference_mode():
-        eager_out = model(**x)[0].float()
     row["compile_lora_s"], row["compiled_lora_ms"] = compiled_ms(model, x, args.reps * 2)
     with torch.inference_mode():
         out = model(**x)[0].float()

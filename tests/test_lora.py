@@ -299,6 +299,24 @@ def test_peft_sees_the_same_layer_on_every_device_class(fmt: str, flux: Family) 
         assert type(layers["sm100"][name].get_base_layer()) is torch.nn.Linear  # as loaded
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_weight_assignment_repacks_or_requantizes(fmt: str, flux: Family) -> None:
+    """A runtime layer's ``weight``: a torchao tensor assigned is taken as is (state_dict gives
+    it back bit for bit); a dense one is quantized in the layer's format."""
+    tr = flux.quantized(fmt, "sm89").transformer
+    layer = tr.single_transformer_blocks[0].attn.to_k  # fp8: a slice of the fused q/k/v
+    saved = layer.state_dict()["weight"]
+    other = tr.single_transformer_blocks[0].attn.to_q.state_dict()["weight"]
+    layer.weight = other
+    got = layer.state_dict()["weight"]
+    assert torch.equal(got.qdata.view(torch.uint8), other.qdata.view(torch.uint8))
+    layer.weight = saved.dequantize(torch.bfloat16)
+    want = FORMATS[fmt].quantize(saved.dequantize(torch.bfloat16))
+    assert torch.equal(
+        layer.state_dict()["weight"].qdata.view(torch.uint8), want.qdata.view(torch.uint8)
+    )
+
+
 def _tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, meta = {}, {}
     for f in sorted((folder / "transformer").glob("*.safetensors")):
@@ -482,6 +500,9 @@ def test_gpu_offloading_and_moves(
     pipe = _gpu_pipeline(converted[fmt])
     pipe.enable_sequential_cpu_offload()
     assert rel(forward(pipe.transformer, cpu_call), base) < 1e-3
+    runtime = [m for m in pipe.transformer.modules() if isinstance(m, RuntimeLinear)]
+    # README: accelerate leaves buffers (qconvert's packed weights) on the execution device
+    assert all(b.device.type == "cuda" for m in runtime for b in m.buffers())
     pipe = _gpu_pipeline(converted[fmt])
     pipe.transformer.enable_group_offload(
         torch.device("cuda"), offload_device=CPU, offload_type="block_level",

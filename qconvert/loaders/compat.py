@@ -146,6 +146,10 @@ class RuntimeLinear(nn.Linear):
     def set_dense_weight(self, weight: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def set_quantized_weight(self, weight: torch.Tensor) -> None:
+        """Take a torchao weight as this layer's (subclasses repack it without rounding)."""
+        self.set_dense_weight(weight.dequantize(torch.bfloat16))
+
     @property  # type: ignore[override]
     def weight(self) -> torch.Tensor:
         """This layer's torchao tensor: the checkpoint's values, in the runtime's layout, sharing
@@ -157,8 +161,9 @@ class RuntimeLinear(nn.Linear):
         if isinstance(value, nn.Parameter):
             value = value.data
         if type(value).__name__ in _format_by_type():
-            value = value.dequantize(torch.bfloat16)
-        self.set_dense_weight(value)
+            self.set_quantized_weight(value)
+        else:
+            self.set_dense_weight(value)
 
     @weight.deleter
     def weight(self) -> None:  # PEFT's merge deletes, then assigns: the setter does the work
