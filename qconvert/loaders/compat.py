@@ -225,19 +225,16 @@ def _restore_saved_attrs(module: nn.Module, state_dict: dict, prefix: str, _meta
         state_dict[key] = with_attrs(state_dict[key], saved)
 
 
-def record_in_place(
-    linear: nn.Linear, apply: Callable[[nn.Linear], nn.Module | None]
-) -> Callable[[nn.Linear], nn.Module | None]:
+def record_in_place(linear: nn.Linear, apply: Callable[[nn.Linear], nn.Module | None]) -> None:
     """Before a path switches ``linear.weight``'s runtime attributes: remember the saved ones
     (``state_dict`` reports them, so a save writes the file's tensor back), the format and the
-    path (to requantize after a LoRA merge). Returns ``apply``."""
-    _, attrs = linear.weight.__tensor_flatten__()
+    path (``apply``, re-run after a LoRA merge requantized the weight). Idempotent."""
     if getattr(linear, _SAVED_ATTRS, None) is None:
+        _, attrs = linear.weight.__tensor_flatten__()
         object.__setattr__(linear, _SAVED_ATTRS, dict(attrs))
         linear.register_state_dict_post_hook(_restore_saved_attrs)
     object.__setattr__(linear, _FORMAT, format_of(linear.weight))
     object.__setattr__(linear, _APPLY, apply)
-    return apply
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,8 +41,15 @@ from qconvert.loaders.triton_support import HAS_TRITON
 
 _log = logging.getLogger(__name__)
 __all__ = [
-    "E4M3_MAX", "INV_E4M3_MAX", "Fp8RowwiseLinear", "Fp8RowwiseSlice", "fuse_projections",
-    "gemm_backend", "is_rowwise_e4m3", "mslk_available", "quantize_rows",
+    "E4M3_MAX",
+    "INV_E4M3_MAX",
+    "Fp8RowwiseLinear",
+    "Fp8RowwiseSlice",
+    "fuse_projections",
+    "gemm_backend",
+    "is_rowwise_e4m3",
+    "mslk_available",
+    "quantize_rows",
 ]  # fmt: skip
 
 
@@ -372,17 +379,23 @@ def _sync_fusion(model: nn.Module, args: tuple) -> None:
             module.fused_projections = fused
 
 
+def _watched(model: nn.Module) -> list[nn.Module]:
+    """The fused attentions ``model``'s sync hook runs over (the hook is registered once)."""
+    attentions = getattr(model, _FUSED_ATTENTIONS, None)
+    if attentions is None:
+        attentions = []
+        object.__setattr__(model, _FUSED_ATTENTIONS, attentions)
+        model.register_forward_pre_hook(_sync_fusion)
+    return attentions
+
+
 def fuse_projections(model: nn.Module) -> int:
     """Fuse the q/k/v Fp8RowwiseLinears of known attention modules (``FUSABLE``) into one, as
     diffusers' ``fuse_qkv_projections`` does for plain Linears, keeping each projection under its
     name as an :class:`Fp8RowwiseSlice` of the fused weight (LoRA targets them by name).
     Returns how many modules."""
     fused = 0
-    attentions = getattr(model, _FUSED_ATTENTIONS, None)
-    if attentions is None:
-        attentions = []
-        object.__setattr__(model, _FUSED_ATTENTIONS, attentions)
-        model.register_forward_pre_hook(_sync_fusion)
+    attentions = None
     for module in model.modules():
         groups = FUSABLE.get(type(module).__name__)
         if not groups or getattr(module, "fused_projections", True):
@@ -404,6 +417,7 @@ def fuse_projections(model: nn.Module) -> int:
                 setattr(module, n, Fp8RowwiseSlice(owner, start, start + m.out_features))
                 start += m.out_features
         object.__setattr__(module, _FUSED_NAMES, tuple(n for names, _ in present for n in names))
+        attentions = _watched(model) if attentions is None else attentions
         attentions.append(module)
         module.fused_projections = True
         fused += 1
