@@ -483,7 +483,7 @@ def test_gpu_lora_lifecycle(
 
 
 @gpu
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["fp8"])  # the fused path; inductor compiles cost ~30 s each
 def test_gpu_compile_with_lora_and_hotswap(
     fmt: str, flux: Family, gpu_refs: dict[str, Any], converted: dict[str, Path]
 ) -> None:
