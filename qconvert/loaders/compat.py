@@ -146,6 +146,10 @@ class RuntimeLinear(nn.Linear):
     def set_dense_weight(self, weight: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def set_quantized_weight(self, weight: torch.Tensor) -> None:
+        """Take a torchao weight as this layer's (subclasses repack it without rounding)."""
+        self.set_dense_weight(weight.dequantize(torch.bfloat16))
+
     @property  # type: ignore[override]
     def weight(self) -> torch.Tensor:
         """This layer's torchao tensor: the checkpoint's values, in the runtime's layout, sharing
@@ -157,8 +161,9 @@ class RuntimeLinear(nn.Linear):
         if isinstance(value, nn.Parameter):
             value = value.data
         if type(value).__name__ in _format_by_type():
-            value = value.dequantize(torch.bfloat16)
-        self.set_dense_weight(value)
+            self.set_quantized_weight(value)
+        else:
+            self.set_dense_weight(value)
 
     @weight.deleter
     def weight(self) -> None:  # PEFT's merge deletes, then assigns: the setter does the work
@@ -220,19 +225,16 @@ def _restore_saved_attrs(module: nn.Module, state_dict: dict, prefix: str, _meta
         state_dict[key] = with_attrs(state_dict[key], saved)
 
 
-def record_in_place(
-    linear: nn.Linear, apply: Callable[[nn.Linear], nn.Module | None]
-) -> Callable[[nn.Linear], nn.Module | None]:
+def record_in_place(linear: nn.Linear, apply: Callable[[nn.Linear], nn.Module | None]) -> None:
     """Before a path switches ``linear.weight``'s runtime attributes: remember the saved ones
     (``state_dict`` reports them, so a save writes the file's tensor back), the format and the
-    path (to requantize after a LoRA merge). Returns ``apply``."""
-    _, attrs = linear.weight.__tensor_flatten__()
+    path (``apply``, re-run after a LoRA merge requantized the weight). Idempotent."""
     if getattr(linear, _SAVED_ATTRS, None) is None:
+        _, attrs = linear.weight.__tensor_flatten__()
         object.__setattr__(linear, _SAVED_ATTRS, dict(attrs))
         linear.register_state_dict_post_hook(_restore_saved_attrs)
     object.__setattr__(linear, _FORMAT, format_of(linear.weight))
     object.__setattr__(linear, _APPLY, apply)
-    return apply
 
 
 # ---------------------------------------------------------------------------------------------

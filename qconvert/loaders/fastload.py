@@ -34,7 +34,7 @@ import torch
 from qconvert.contain import inside
 from qconvert.errors import ManifestError
 from qconvert.loaders import runtime
-from qconvert.loaders.compat import install_requantize, record_in_place
+from qconvert.loaders.compat import install_requantize
 from qconvert.loaders.reading import Entry, ReadError, Stream, UnknownDtype, read_header
 from qconvert.manifest import SCHEMA
 from qconvert.manifest import load as load_manifest
@@ -280,8 +280,6 @@ class Assembly:
         weight = linear.weight
         if isinstance(weight, runtime.QUANTIZED):
             path, why = runtime.choose(weight, self.device, self.dclass)
-            if path.in_place:
-                record_in_place(linear, path.apply)  # what prepare records (save, LoRA merge)
             replacement = path.apply(linear)
             key = (type(weight).__name__, path, why)
             self.counts[key] = self.counts.get(key, 0) + 1

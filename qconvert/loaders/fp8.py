@@ -41,8 +41,15 @@ from qconvert.loaders.triton_support import HAS_TRITON
 
 _log = logging.getLogger(__name__)
 __all__ = [
-    "E4M3_MAX", "INV_E4M3_MAX", "Fp8RowwiseLinear", "Fp8RowwiseSlice", "fuse_projections",
-    "gemm_backend", "is_rowwise_e4m3", "mslk_available", "quantize_rows",
+    "E4M3_MAX",
+    "INV_E4M3_MAX",
+    "Fp8RowwiseLinear",
+    "Fp8RowwiseSlice",
+    "fuse_projections",
+    "gemm_backend",
+    "is_rowwise_e4m3",
+    "mslk_available",
+    "quantize_rows",
 ]  # fmt: skip
 
 
@@ -211,6 +218,15 @@ class Fp8RowwiseLinear(RuntimeLinear):
         quantized = _quantize_dense(weight, self.qdata.device)
         self._set_rows(quantized.qdata, quantized.scale)
 
+    def set_quantized_weight(self, weight: torch.Tensor) -> None:
+        """Take a rowwise e4m3 ``Float8Tensor`` of this layer's shape as is."""
+        if not is_rowwise_e4m3(weight) or tuple(weight.shape) != tuple(self.qdata.shape):
+            raise ValueError(
+                f"expected a rowwise e4m3 Float8Tensor of shape {list(self.qdata.shape)}"
+            )
+        self.layout = SavedLayout.of(weight)
+        self._set_rows(weight.qdata, weight.scale)
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         if not self.fused_parts:  # a fused Linear's rows are saved as its parts
             super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -304,17 +320,17 @@ class Fp8RowwiseSlice(Fp8RowwiseLinear):
         return None if b is None else b[self.start : self.stop]
 
     def torchao_weight(self, saved: bool = True) -> torch.Tensor:
-        """This projection's ``Float8Tensor``: views into the fused weight, or (``saved``) its
-        own copies, since safetensors refuses to save tensors that share storage."""
-        qdata, scale = self.qdata, self.w_scale
-        if saved:
-            qdata, scale = qdata.clone(), scale.clone()
-        return self.layout.build({"qdata": qdata, "scale": scale})
+        """This projection's ``Float8Tensor``: views of its rows of the fused weight (disjoint
+        from the other projections', which safetensors saves as separate tensors)."""
+        return self.layout.build({"qdata": self.qdata, "scale": self.w_scale})
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
-        quantized = _quantize_dense(weight, self._owner.qdata.device)
-        self._owner.qdata[self.start : self.stop].copy_(quantized.qdata)
-        self._owner.w_scale[:, self.start : self.stop].copy_(quantized.scale.reshape(1, -1))
+        self.set_quantized_weight(_quantize_dense(weight, self._owner.qdata.device))
+
+    def set_quantized_weight(self, weight: torch.Tensor) -> None:
+        """Write a rowwise ``Float8Tensor`` into this projection's rows of the fused weight."""
+        self._owner.qdata[self.start : self.stop].copy_(weight.qdata)
+        self._owner.w_scale[:, self.start : self.stop].copy_(weight.scale.reshape(1, -1))
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         RuntimeLinear._save_to_state_dict(self, destination, prefix, keep_vars)
@@ -363,17 +379,23 @@ def _sync_fusion(model: nn.Module, args: tuple) -> None:
             module.fused_projections = fused
 
 
+def _watched(model: nn.Module) -> list[nn.Module]:
+    """The fused attentions ``model``'s sync hook runs over (the hook is registered once)."""
+    attentions = getattr(model, _FUSED_ATTENTIONS, None)
+    if attentions is None:
+        attentions = []
+        object.__setattr__(model, _FUSED_ATTENTIONS, attentions)
+        model.register_forward_pre_hook(_sync_fusion)
+    return attentions
+
+
 def fuse_projections(model: nn.Module) -> int:
     """Fuse the q/k/v Fp8RowwiseLinears of known attention modules (``FUSABLE``) into one, as
     diffusers' ``fuse_qkv_projections`` does for plain Linears, keeping each projection under its
     name as an :class:`Fp8RowwiseSlice` of the fused weight (LoRA targets them by name).
     Returns how many modules."""
     fused = 0
-    attentions = getattr(model, _FUSED_ATTENTIONS, None)
-    if attentions is None:
-        attentions = []
-        object.__setattr__(model, _FUSED_ATTENTIONS, attentions)
-        model.register_forward_pre_hook(_sync_fusion)
+    attentions = None
     for module in model.modules():
         groups = FUSABLE.get(type(module).__name__)
         if not groups or getattr(module, "fused_projections", True):
@@ -395,6 +417,7 @@ def fuse_projections(model: nn.Module) -> int:
                 setattr(module, n, Fp8RowwiseSlice(owner, start, start + m.out_features))
                 start += m.out_features
         object.__setattr__(module, _FUSED_NAMES, tuple(n for names, _ in present for n in names))
+        attentions = _watched(model) if attentions is None else attentions
         attentions.append(module)
         module.fused_projections = True
         fused += 1

@@ -1069,6 +1069,19 @@ class HopperQuantLinear(RuntimeLinear):
         quantized = FORMATS[self.fmt].quantize(dense)
         self._set_packed(pack_weight(quantized))
 
+    def set_quantized_weight(self, weight: torch.Tensor) -> None:
+        """Repack a torchao ``NVFP4Tensor`` / ``MXTensor`` of this layer's shape (no rounding)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight shape {list(weight.shape)} != {[self.out_features, self.in_features]}"
+            )
+        packed = pack_weight(weight)
+        if packed.fmt != self.fmt:
+            raise ValueError(f"a {packed.fmt} weight for a {self.fmt} layer")
+        self.layout = SavedLayout.of(weight)
+        self._runtime_layout = self.layout.unswizzled(BLOCK_SIZES[self.fmt])
+        self._set_packed(packed)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -34,20 +34,25 @@ class Path:
     name: str
     description: str
     apply: Callable[[torch.nn.Linear], torch.nn.Module | None]
-    in_place: bool = True  # False: apply returns a qconvert RuntimeLinear replacing the Linear
+
+
+# The in-place paths first record the weight's saved attributes, format and path on the Linear
+# (compat.record_in_place: state_dict reports the file's tensor; a LoRA merge requantizes).
 
 
 def _keep(linear: torch.nn.Linear) -> None:
-    return None
+    record_in_place(linear, _keep)
 
 
 def _weight_only(linear: torch.nn.Linear) -> None:
+    record_in_place(linear, _weight_only)
     # act_quant_kwargs=None: NVFP4Tensor's and Float8Tensor's linear dequantize the weight and
     # run F.linear with bf16 activations (what torchao's weight-only configs build).
     linear.weight.act_quant_kwargs = None
 
 
 def _mx_emulated(linear: torch.nn.Linear) -> None:
+    record_in_place(linear, _mx_emulated)
     weight = linear.weight
     weight.kernel_preference = KernelPreference.EMULATED
     if weight.act_quant_kwargs is not None:
@@ -90,7 +95,6 @@ HOPPER = Path(
     "weights stay quantized in memory; a Triton kernel dequantizes them to bf16 at ~2.4 TB/s "
     "for cuBLAS (or a fused GEMM for small batches), activations stay bf16",
     _hopper,
-    in_place=False,
 )
 
 FP8_FAST = Path(
@@ -98,7 +102,6 @@ FP8_FAST = Path(
     "activations quantized per token by one fused Triton kernel, then a rowwise FP8 "
     "tensor-core GEMM with the bias fused (FLUX attention: q/k/v fused into one GEMM)",
     _fp8_fast,
-    in_place=False,
 )
 
 # (tensor type, device class) → path. Device classes: see device_class().
@@ -204,8 +207,6 @@ def prepare(
             if not isinstance(weight, QUANTIZED):
                 continue
             path, why = choose(weight, device, dclass)
-            if path.in_place:
-                record_in_place(child, path.apply)
             replacement = path.apply(child)
             if replacement is not None:
                 setattr(parent, child_name, replacement)
@@ -230,7 +231,7 @@ def prepare(
                 fused,
             )
     if counts:
-        install_requantize(model)
+        install_requantize(model)  # (fastload: the same, on the model it builds)
     if replaced:
         # Replaced Linears (and their GPU weights, e.g. NVFP4's swizzled scales) sit in
         # reference cycles; without this they outlive the load until Python's next collection.
