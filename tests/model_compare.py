@@ -89,10 +89,8 @@ def same_config(a: Any, b: Any, where: str) -> None:
         assert type(qa) is type(qb) and qa.to_dict() == qb.to_dict(), f"{where}: quant config"
 
 
-def same_model(
-    a: torch.nn.Module, b: torch.nn.Module, where: str = "model", ignore: tuple[str, ...] = ()
-) -> None:
-    """Equal in every respect a user or a kernel could see (but the ``ignore``d attributes)."""
+def same_model(a: torch.nn.Module, b: torch.nn.Module, where: str = "model") -> None:
+    """Equal in every respect a user or a kernel could see."""
     mods_a, mods_b = list(a.named_modules()), list(b.named_modules())
     assert [n for n, _ in mods_a] == [n for n, _ in mods_b], f"{where}: module names/order"
     for (name, ma), (_, mb) in zip(mods_a, mods_b, strict=True):
@@ -107,7 +105,7 @@ def same_model(
         assert ma._non_persistent_buffers_set == mb._non_persistent_buffers_set, here
         hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
         assert all(len(getattr(ma, h)) == len(getattr(mb, h)) for h in hooks), f"{here}: hooks"
-        extra = {"hf_quantizer", "config", *ignore}
+        extra = {"hf_quantizer", "config"}
         da = {k: v for k, v in ma.__dict__.items() if k not in extra}
         db = {k: v for k, v in mb.__dict__.items() if k not in extra}
         same_attributes(da, db, here)
@@ -120,3 +118,19 @@ def same_model(
             assert qa.pre_quantized == qb.pre_quantized and qa.metadata == qb.metadata, here
             assert qa.modules_to_not_convert == qb.modules_to_not_convert, here
             assert qa._pending_flattened_state_dict == qb._pending_flattened_state_dict == {}
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module, where: str = "model") -> None:
+    """Same module names and types, every parameter and buffer equal in dtype, shape, device
+    and bytes (for components loaded by different diffusers/transformers code paths)."""
+    mods_a, mods_b = list(a.named_modules()), list(b.named_modules())
+    assert [n for n, _ in mods_a] == [n for n, _ in mods_b], f"{where}: module names/order"
+    assert [type(m) for _, m in mods_a] == [type(m) for _, m in mods_b], f"{where}: types"
+    ta = dict(a.state_dict(keep_vars=True))
+    tb = dict(b.state_dict(keep_vars=True))
+    assert list(ta) == list(tb), f"{where}: state dict keys"
+    for key, t in tb.items():
+        u = ta[key]
+        assert (u.dtype, u.shape, u.device) == (t.dtype, t.shape, t.device), f"{where}.{key}"
+        assert torch.equal(u.detach().reshape(-1).view(torch.uint8),
+                           t.detach().reshape(-1).view(torch.uint8)), f"{where}.{key}"  # fmt: skip
