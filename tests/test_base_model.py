@@ -111,8 +111,11 @@ def test_hub_cache_folder_and_override(transformer: Path, tmp_path: Path) -> Non
     `hub cache path`); --base-model overrides it."""
     snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
-    for file in transformer.iterdir():  # like the cache: symlinks into blobs
-        (snapshot / file.name).symlink_to(file)
+    blobs = snapshot.parents[1] / "blobs"
+    blobs.mkdir()
+    for file in transformer.iterdir():  # like the cache: symlinks into the repo's blobs
+        shutil.copyfile(file, blobs / file.name)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", file.name))
     run(snapshot, tmp_path / "cached")
     assert source_of(tmp_path / "cached")["base_model"] == {
         "repo_id": "black-forest-labs/FLUX.1-dev",

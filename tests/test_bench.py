@@ -105,7 +105,7 @@ def test_real_shape_plumbing(shrunk: RealShapeSubject, tmp_path: Path) -> None:
     quality = evaluate_quality(
         shrunk, num_prompts=1, cache_root=tmp_path / "c", results=tmp_path, **small
     )
-    assert quality["real_shape"] and quality["weights"]["layers"] == 19
+    assert quality["real_shape"] and quality["weights"]["layers"] == 20
     assert "quality figures are meaningless" in quality["setup"]
 
 

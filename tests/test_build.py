@@ -395,7 +395,7 @@ def test_dry_run_writes_nothing(tiny_flux: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["build", str(spec), "--dry-run", "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("tiny-flux-nvfp4: would build: 19/30 Linear layers quantized, ")
+    assert lines[0].startswith("tiny-flux-nvfp4: would build: 20/30 Linear layers quantized, ")
     assert lines[0].endswith("× bf16 → alice/tiny-flux-nvfp4")
     assert lines[-1] == f"{spec}: 2 would build"
     assert not (tmp_path / "o").exists()

@@ -138,7 +138,7 @@ def _checked_base(base: Base) -> Base:
     """The base as far as it can be shown: a repo id and commit only when well-formed."""
     repo = base.repo_id if isinstance(base.repo_id, str) and _REPO_ID.match(base.repo_id) else None
     commit = base.commit if isinstance(base.commit, str) and _COMMIT.match(base.commit) else None
-    return dataclasses.replace(base, repo_id=repo, commit=commit if repo else None)
+    return dataclasses.replace(base, repo_id=repo, commit=commit)
 
 
 def context(
