@@ -112,7 +112,7 @@ def test_tiny_flux_end_to_end_with_interruption(flux_fp8: Path, cache: Path) -> 
     for row in data["prompts"]:
         assert 20 < row["psnr_db"] < 99 and not row["identical"] and 0.5 < row["ssim"] < 1
     assert 0 < data["forward"]["rel_l2"] < 0.05
-    assert data["weights"]["layers"] == 19 and 25 < data["weights"]["mean_db"] < 40
+    assert data["weights"]["layers"] == 20 and 25 < data["weights"]["mean_db"] < 40
     assert data["lpips"] == {"net": None, "available": False, "why": "turned off (--lpips off)"}
     assert (
         data["settings"]["call"]["height"] == 32
@@ -184,7 +184,7 @@ def test_weight_sqnr_equals_a_direct_computation(
             w = module.weight.detach().double()
             err = w - weight.dequantize(torch.float32).double()
             expected[name] = 10 * math.log10(float((w**2).sum()) / float((err**2).sum()))
-    assert len(expected) == 19 and set(rows) == set(expected)
+    assert len(expected) == 20 and set(rows) == set(expected)
     for name, value in expected.items():
         assert rows[name]["sqnr_db"] == pytest.approx(value, abs=1e-4)
         assert rows[name]["format"] == "nvfp4"
