@@ -352,9 +352,10 @@ class FastLoad:
         if self.fuse_qkv and any(path is runtime.FP8_FAST for _, path, _ in counts):
             from qconvert.loaders.fp8 import fuse_projections
 
-            # As prepare does (one call: it installs the model's fusion hook); it fuses one
-            # attention module at a time, so each unfused copy is freed as it goes.
-            fused = fuse_projections(model)
+            # As prepare does (one call: it installs the model's fusion hook), but without its
+            # gc.collect every 8 modules (~0.25 s each on a loaded interpreter): nothing here is
+            # in a reference cycle, each unfused copy is freed as it is replaced.
+            fused = fuse_projections(model, collect=False)
         sk.quantizer.postprocess_model(model)
         model.hf_quantizer = sk.quantizer
         if counts:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from qconvert.loaders.fastload import FastLoad, Unsupported
+from qconvert.loaders.fastload import INDEX, FastLoad, Unsupported
 from qconvert.manifest import MANIFEST
 
 log = logging.getLogger("qconvert.loaders")
@@ -81,7 +81,7 @@ def transformer(
         subfolder = TRANSFORMER
     if root != Path(str(path_or_repo)):
         prefix = f"{subfolder}/" if subfolder else ""
-        weights = [f"{prefix}diffusion_pytorch_model*.safetensors", f"{prefix}*.index.json"]
+        weights = [f"{prefix}diffusion_pytorch_model*.safetensors", f"{prefix}{INDEX}"]
         root = _snapshot(str(path_or_repo), weights, {**kwargs, "revision": root.name})
     load_id = {
         "pretrained_model_name_or_path": str(path_or_repo),
