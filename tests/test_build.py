@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from hubserver import HubServer
 from test_push import ALICE, BFL, drive
 
+from qconvert.build.run import _flags
 from qconvert.cli import main
 from qconvert.convert import writer
 
@@ -405,14 +406,28 @@ def test_output_is_the_convert_output_plus_the_build_key(
     tiny_flux: Path, converted: dict[str, Path], tmp_path: Path
 ) -> None:
     """A build's output is what `convert` writes for the same inputs; only the manifest's
-    "build" key and "command" (the equivalent convert command) and the card's repo id differ."""
+    "build" key and "command" (the equivalent convert command) and the card's repo id differ.
+    eval / bench in the spec are skipped in one line each where there is no CUDA GPU."""
     spec = tmp_path / "spec.toml"
     spec.write_text(
         f'[[target]]\nfamily = "flux"\nsource = "{tiny_flux}"\nformats = ["fp8"]\n'
         'repo = "alice/{name}-{format}"\nmax-shard-size = 10_000_000\n'
+        'eval = { num-prompts = 1, lpips = "off" }\nbench = { batch = [1, 4], compile = true }\n'
     )
-    result = CliRunner().invoke(main, ["build", str(spec), "-q", "-o", str(tmp_path / "b")])
+    args = ["build", str(spec), "-q", "--json", "-o", str(tmp_path / "b")]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["targets"][0]["notes"] == [
+        "eval skipped: no CUDA GPU here",
+        "bench skipped: no CUDA GPU here",
+    ]
+    assert _flags({"num-prompts": 32, "batch": [1, 4], "compile": True, "no-load": False}) == [
+        "--num-prompts",
+        "32",
+        "--batch",
+        "1,4",
+        "--compile",
+    ]
     built = tree(tmp_path / "b" / "tiny-flux-fp8" / "output")
     plain = tree(converted["fp8"])
     assert sorted(built) == sorted(plain)
