@@ -398,25 +398,24 @@ def test_offloading_and_attention_backend(flux: Family, converted: dict[str, Pat
 
 def test_compile_repeated_blocks_with_lora_and_hotswap(flux: Family) -> None:
     """diffusers' hotswap under torch.compile (CPU: aot_eager, fake tensors + our ops): the
-    second LoRA replaces the first without a recompile, and matches eager."""
+    second LoRA replaces the first without a recompile, and matches the same hotswap eager."""
     torch._dynamo.reset()
-    pipe = flux.quantized("fp8", "sm89")
-    tr = pipe.transformer
-    pipe.enable_lora_hotswap(target_rank=8)
-    pipe.load_lora_weights(flux.lora_a, adapter_name="a")
-    eager_a = flux.output("fp8", "sm89", True)
-    tr.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
-    assert rel(forward(tr, flux.call), eager_a) < 2e-3
-    pipe.load_lora_weights(flux.lora_b, adapter_name="a", hotswap=True)
-    with torch.compiler.set_stance("fail_on_recompile"):
-        compiled_b = forward(tr, flux.call)
-    eager = flux.quantized("fp8", "sm89")  # the same hotswap, eager
-    eager.enable_lora_hotswap(target_rank=8)
-    eager.load_lora_weights(flux.lora_a, adapter_name="a")
-    eager.load_lora_weights(flux.lora_b, adapter_name="a", hotswap=True)
-    eager_b = forward(eager.transformer, flux.call)
-    # aot_eager may pick other bf16 GEMM layouts than eager (ulps); the two LoRAs differ far more
-    assert rel(compiled_b, eager_b) < 2e-3 < rel(compiled_b, eager_a) / 10
+    outputs = {}
+    for mode in ("eager", "compiled"):
+        pipe = flux.quantized("fp8", "sm89")
+        pipe.enable_lora_hotswap(target_rank=8)  # ranks padded to 8, scales as tensors
+        pipe.load_lora_weights(flux.lora_a, adapter_name="a")
+        if mode == "compiled":
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        outputs[mode, "a"] = forward(pipe.transformer, flux.call)
+        pipe.load_lora_weights(flux.lora_b, adapter_name="a", hotswap=True)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            outputs[mode, "b"] = forward(pipe.transformer, flux.call)
+    # aot_eager may run other bf16 GEMM layouts than eager (ulps, which the fp8 activation
+    # quantization can amplify); the two LoRAs differ ten times more
+    for lora in ("a", "b"):
+        assert rel(outputs["compiled", lora], outputs["eager", lora]) < 5e-3
+    assert rel(outputs["eager", "b"], outputs["eager", "a"]) > 5e-2
     torch._dynamo.reset()
 
 
