@@ -4,14 +4,23 @@
 # quantized in memory. The bf16 images are generated once and reused from the cache for the
 # second and third format. Random weights make the quality figures meaningless; the time per
 # prompt is real (prompt embeddings are precomputed: text encoding is not timed). Needs
-# torchmetrics (pip install "qconvert[eval]"); LPIPS says in one line why it is skipped when
+# torchmetrics (pip install "qconvert[eval]"; offline: WHEELS=DIR holding the torchmetrics and
+# lightning_utilities wheels, installed from there); LPIPS says in one line why it is skipped when
 # torchvision's AlexNet weights cannot be downloaded. About 2-3 minutes.
 #
-#   benchmarks/eval_gpu.sh OUTDIR
+#   [WHEELS=DIR] benchmarks/eval_gpu.sh OUTDIR
 set -euo pipefail
 out=${1:?usage: benchmarks/eval_gpu.sh OUTDIR}
 mkdir -p "$out"
 python=${PYTHON:-python}
+if ! "$python" -c "import torchmetrics" 2>/dev/null; then
+    if [ -z "${WHEELS:-}" ]; then
+        echo "eval_gpu.sh: torchmetrics is missing: pip install 'qconvert[eval]', or WHEELS=DIR" >&2
+        exit 1
+    fi
+    "$python" -m pip install -q --no-index --no-deps "$WHEELS"/torchmetrics-*.whl \
+        "$WHEELS"/lightning_utilities-*.whl
+fi
 start=$(date +%s)
 for fmt in nvfp4 mxfp8 fp8; do
     t=$(date +%s)

@@ -69,7 +69,6 @@ def _measure_target(target: str, opts: dict[str, Any], whole_pipeline: bool = Tr
         revision=opts.pop("revision"),
         real_shape=opts.pop("real_shape"),
         formats=formats,
-        seed=opts.get("seed", 0),
         cache_root=opts.get("cache_root"),
         whole_pipeline=whole_pipeline,
     )

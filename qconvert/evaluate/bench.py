@@ -212,7 +212,11 @@ def _measure(
         weights = weight_bytes(pipe.transformer) / GIB
         if o.compile:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
-        for batch in o.batches:
+        for i, batch in enumerate(o.batches):
+            if o.compile and i:
+                # Compile each batch size afresh with static shapes (as a process serving one
+                # batch size would), not as dynamo's dynamic-shape recompile after a second one.
+                torch._dynamo.reset()
 
             def make(batch: int = batch) -> dict[str, Any]:
                 return call_kwargs(subject, settings, prompt, 0, device, batch)

@@ -65,8 +65,37 @@ def key(identity: str, prompt: str, seed: int, settings: dict[str, Any], device:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _pack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON description of a nested value whose tensors go into ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        return {"dict": {str(k): _pack(v, tensors) for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        return {"tuple" if isinstance(value, tuple) else "list": [_pack(v, tensors) for v in value]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return {"value": value}
+    raise TypeError(f"cannot store a {type(value).__name__} in the generation cache")
+
+
+def _unpack(spec: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if "tensor" in spec:
+        return tensors[spec["tensor"]]
+    if "dict" in spec:
+        return {k: _unpack(v, tensors) for k, v in spec["dict"].items()}
+    if "list" in spec:
+        return [_unpack(v, tensors) for v in spec["list"]]
+    if "tuple" in spec:
+        return tuple(_unpack(v, tensors) for v in spec["tuple"])
+    return spec["value"]
+
+
 class GenerationCache:
-    """``root/generations/<key[:2]>/<key>.safetensors``."""
+    """``root/generations/<key[:2]>/<key>.safetensors``: a Sample (``get``/``put``), or a
+    nested value of tensors and scalars such as a transformer's inputs and output
+    (``get_object``/``put_object``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root / "generations"
@@ -111,37 +140,6 @@ class GenerationCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
-
-
-def _pack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """A JSON description of a nested value whose tensors go into ``tensors``."""
-    if isinstance(value, torch.Tensor):
-        name = f"t{len(tensors)}"
-        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
-        return {"tensor": name}
-    if isinstance(value, dict):
-        return {"dict": {str(k): _pack(v, tensors) for k, v in value.items()}}
-    if isinstance(value, list | tuple):
-        return {"tuple" if isinstance(value, tuple) else "list": [_pack(v, tensors) for v in value]}
-    if value is None or isinstance(value, bool | int | float | str):
-        return {"value": value}
-    raise TypeError(f"cannot store a {type(value).__name__} in the generation cache")
-
-
-def _unpack(spec: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if "tensor" in spec:
-        return tensors[spec["tensor"]]
-    if "dict" in spec:
-        return {k: _unpack(v, tensors) for k, v in spec["dict"].items()}
-    if "list" in spec:
-        return [_unpack(v, tensors) for v in spec["list"]]
-    if "tuple" in spec:
-        return tuple(_unpack(v, tensors) for v in spec["tuple"])
-    return spec["value"]
-
-
-class ObjectCache(GenerationCache):
-    """Nested values of tensors and scalars (a transformer's inputs and output), same layout."""
 
     def get_object(self, k: str) -> Any | None:
         from safetensors import SafetensorError

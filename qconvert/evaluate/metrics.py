@@ -26,7 +26,8 @@ import torch
 from qconvert.evaluate.cache import Sample
 
 
-def _metrics() -> Any:
+def torchmetrics_image() -> Any:
+    """torchmetrics' image functions; EvalError naming the extra when it is missing."""
     try:
         from torchmetrics.functional import image
     except ModuleNotFoundError:
@@ -48,14 +49,16 @@ def mse(ref: Sample, out: Sample) -> float:
 
 def psnr_db(ref: Sample, out: Sample) -> float:
     """PSNR in dB (``math.inf`` when identical), over all frames."""
-    value = _metrics().peak_signal_noise_ratio(_unit(out.frames), _unit(ref.frames), data_range=1.0)
+    value = torchmetrics_image().peak_signal_noise_ratio(
+        _unit(out.frames), _unit(ref.frames), data_range=1.0
+    )
     return float(value)
 
 
 def ssim(ref: Sample, out: Sample) -> float:
     """SSIM per frame, averaged."""
     a, b = _unit(ref.frames), _unit(out.frames)
-    value = _metrics().structural_similarity_index_measure(b, a, data_range=1.0)
+    value = torchmetrics_image().structural_similarity_index_measure(b, a, data_range=1.0)
     return float(value)  # type: ignore[arg-type]
 
 

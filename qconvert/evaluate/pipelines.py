@@ -227,9 +227,8 @@ def device_key(device: torch.device) -> str:
     )
 
 
-def release(*objects: Any) -> None:
-    """Drop references (the caller's go with ``del``) and give memory back."""
-    del objects
+def release() -> None:
+    """Give memory back once the caller has dropped its references (``del``)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

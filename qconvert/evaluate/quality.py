@@ -19,7 +19,6 @@ import torch
 
 from qconvert.evaluate import cache as gc_
 from qconvert.evaluate import metrics, report
-from qconvert.evaluate.errors import EvalError
 from qconvert.evaluate.pipelines import (
     call_kwargs,
     capture_inputs,
@@ -69,7 +68,7 @@ def _phase(
     settings: Settings,
     options: Options,
     device: torch.device,
-    store: gc_.ObjectCache,
+    store: gc_.GenerationCache,
     where: str,
 ) -> tuple[list[gc_.Sample], Any]:
     """One pipeline's generations (from the cache, else made and cached) and its forward."""
@@ -106,11 +105,11 @@ def _forward(
     settings: Settings,
     options: Options,
     device: torch.device,
-    store: gc_.ObjectCache,
+    store: gc_.GenerationCache,
     where: str,
 ) -> dict[str, Any]:
-    """{"inputs", "output"} of one transformer call on the first prompt's seeded inputs. The
-    quantized side reuses the bf16 side's inputs, so both see the same tensors."""
+    """One transformer call on the first prompt's seeded inputs: {"inputs", "output"} for bf16;
+    the quantized side reuses those inputs (so both see the same tensors): {"output"}."""
     ref_key = gc_.key(subject.identity(None), FORWARD, options.seed, settings.key(), where)
     ref = store.get_object(ref_key)
     if ref is not None:
@@ -119,8 +118,10 @@ def _forward(
         first = options.prompts.prompts[0].text
         inputs = capture_inputs(pipe, call_kwargs(subject, settings, first, options.seed, device))
     with torch.inference_mode():
-        output = pipe.transformer(**to_device(inputs, device))
-    return {"inputs": to_device(inputs, torch.device("cpu")), "output": metrics.flatten(output)}
+        output = {"output": metrics.flatten(pipe.transformer(**to_device(inputs, device)))}
+    if ref is None:
+        output["inputs"] = to_device(inputs, torch.device("cpu"))
+    return output
 
 
 def _lpips(options: Options, device: torch.device) -> tuple[Any, dict[str, Any]]:
@@ -229,10 +230,8 @@ def evaluate(
     from qconvert.evaluate import picture
 
     if options.generate:
-        metrics._metrics()  # torchmetrics missing: say so before any model loads
-    if options.generate and not options.prompts.prompts:
-        raise EvalError("no prompts to evaluate")
-    store = gc_.ObjectCache(cache_root)
+        metrics.torchmetrics_image()  # missing: say so before any model loads
+    store = gc_.GenerationCache(cache_root)
     where = device_key(device)
     variant = subject.variants[0]
     # Per-layer SQNR: from the files before any model loads (real shape: made in memory with
