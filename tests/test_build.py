@@ -30,7 +30,8 @@ from test_push import ALICE, BFL, drive
 
 from qconvert.build.run import _flags
 from qconvert.cli import main
-from qconvert.convert import writer
+from qconvert.convert import plan_target, selection_for, writer
+from qconvert.formats import FORMATS
 
 hub = test_push.hub  # the loopback Hub fixture (module scope), reused
 
@@ -396,8 +397,11 @@ def test_dry_run_writes_nothing(tiny_flux: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["build", str(spec), "--dry-run", "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("tiny-flux-nvfp4: would build: 20/30 Linear layers quantized, ")
-    assert lines[0].endswith("× bf16 → alice/tiny-flux-nvfp4")
+    plan = plan_target("flux", FORMATS["nvfp4"], selection_for(), source=str(tiny_flux)).summary()
+    assert lines[0] == (  # what `qconvert plan` says for the same source and format
+        f"tiny-flux-nvfp4: would build: {plan['quantized_layers']}/{plan['linear_layers']} "
+        f"Linear layers quantized, size {plan['size_ratio']:.3f}× bf16 → alice/tiny-flux-nvfp4"
+    )
     assert lines[-1] == f"{spec}: 2 would build"
     assert not (tmp_path / "o").exists()
 
