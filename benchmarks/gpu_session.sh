@@ -18,7 +18,7 @@ python3 -c "import torch, torchao, diffusers, triton, peft; print('torch', torch
 'peft', peft.__version__)" 2>&1 | grep -v Warn | tail -1 | tee -a "$out/gpu-$stage.txt"
 case $stage in
   tests)
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
       tests/test_fp8_runtime.py tests/test_fastload_gpu.py 2>&1 | tee "$out/gpu_tests_h200.txt" | tail -15
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_lora.py -k gpu \
       2>&1 | tee "$out/gpu_tests_lora_h200.txt" | tail -15 ;;
@@ -28,9 +28,9 @@ case $stage in
     timeout 560 bash benchmarks/bench_gpu.sh "$out/bench" 2>&1 | tail -40 ;;
   load)
     timeout 420 python3 benchmarks/load_speed.py --workdir /tmp/qload --json "$out/load_speed_h200.json" \
-      --budget 400 2>&1 | tail -30 ;;
+      --budget "${LOAD_BUDGET:-400}" 2>&1 | tail -30 ;;
   eval)
-    timeout 170 python3 -m qconvert eval flux --real-shape --format nvfp4 --device cuda \
-      --num-prompts 2 --results "$out/eval-nvfp4" --cache-dir /tmp/evalcache -q 2>&1 | tail -20 ;;
+    timeout 230 python3 -m qconvert eval flux --real-shape --format nvfp4,mxfp8,fp8 --device cuda \
+      --num-prompts 2 --results "$out/eval" --cache-dir /tmp/evalcache -q 2>&1 | tee "$out/eval.log" | tail -20 ;;
 esac
 echo "stage $stage done"

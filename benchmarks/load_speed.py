@@ -208,6 +208,11 @@ def run_row(kind: str, fmt: str, path: Path, deadline: float, device: str) -> li
     return rows
 
 
+def _met(s: dict[str, Any], key: str, limit: float) -> bool | None:
+    """Whether ``s[key]`` is within ``limit``; None when this run did not measure it."""
+    return None if key not in s else bool(s[key] <= limit)
+
+
 def summarize(rows: list[dict[str, Any]], disk: dict[str, Any]) -> dict[str, Any]:
     """Ratios against the targets: warm (best of the warm loads) against bf16's best warm;
     cold against the disk floor (file bytes / dd rate); peak against final GPU memory."""
@@ -234,9 +239,9 @@ def summarize(rows: list[dict[str, Any]], disk: dict[str, Any]) -> dict[str, Any
                 s["disk_floor_s"] = round(cold["file_gib"] * 2**30 / (rate * 1e9), 2)
                 s[f"{kind}_cold_x_disk_floor"] = round(cold["seconds"] / s["disk_floor_s"], 3)
         s["met"] = {
-            "warm": s.get("fast_warm_x_bf16", 9.0) <= target,
-            "cold_within_15pct": s.get("fast_cold_x_disk_floor", 9.0) <= 1.15,
-            "peak_le_1.1x": s.get("fast_peak_x_final", 9.0) <= 1.1,
+            "warm": _met(s, "fast_warm_x_bf16", target),
+            "cold_within_15pct": _met(s, "fast_cold_x_disk_floor", 1.15),
+            "peak_le_1.1x": _met(s, "fast_peak_x_final", 1.1),
         }
         out[fmt] = s
     return out

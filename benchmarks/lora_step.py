@@ -15,17 +15,19 @@ seconds, and the compiled LoRA output against eager (relative L2). Under 5 minut
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_step import inputs, meta, ours, time_ms, weight_gib
+from flux_step import CUDA, build, meta, ms, step_inputs
+
+from qconvert.evaluate import bench, realshape
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"]
 PATHS = ["bf16", "nvfp4", "fp8", "mxfp8", "fp8-lora-no-qkv"]  # most wanted first
@@ -47,6 +49,10 @@ def add_lora(model: torch.nn.Module, targets: list[str], rank: int) -> int:
     return n
 
 
+def time_ms(fn: Callable[[], object], reps: int) -> float:
+    return ms(bench.timed(fn, 1, reps, CUDA))
+
+
 def compiled_ms(model: torch.nn.Module, x: dict, reps: int) -> tuple[float, float]:
     """(compile + first call seconds, median compiled ms)."""
     t = time.perf_counter()
@@ -58,14 +64,12 @@ def compiled_ms(model: torch.nn.Module, x: dict, reps: int) -> tuple[float, floa
         return round(first, 1), round(time_ms(lambda: model(**x), reps=reps), 2)
 
 
-def run(name: str, base: torch.nn.Module, x: dict, args: argparse.Namespace) -> dict:
+def run(name: str, rec: object, x: dict, args: argparse.Namespace) -> dict:
     torch._dynamo.reset()
     row: dict = {"path": name}
-    if name == "bf16":
-        model = copy.deepcopy(base)
-    else:
-        model, row["runtime"] = ours(base, name.split("-")[0], all_blocks=False)
-    row["weight_gib"] = round(weight_gib(model), 3)
+    model, extra = build(name.split("-")[0], rec)  # the FLUX recipe's plan, as converted
+    row.update(extra)
+    row["weight_gib"] = round(bench.weight_bytes(model) / 2**30, 3)
     with torch.inference_mode():
         row["eager_ms"] = round(time_ms(lambda: model(**x), reps=args.reps), 2)
     model.compile_repeated_blocks(fullgraph=True)
@@ -95,20 +99,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="eager reps (compiled: twice)")
     ap.add_argument("--paths", nargs="+", default=PATHS)
     args = ap.parse_args()
-    from diffusers import FluxTransformer2DModel
-
     torch._dynamo.config.cache_size_limit = 64
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        base = FluxTransformer2DModel(guidance_embeds=True).eval()
-    torch.set_default_dtype(torch.float32)
-    x = inputs(args.batch)
+    rec = realshape.recipe("flux")
+    x = step_inputs(args.batch)
     info = {**meta(args.batch), "lora_rank": args.rank}
     rows: list[dict] = []
     start = time.perf_counter()
     for name in args.paths:
         try:
-            row = run(name, base, x, args)
+            row = run(name, rec, x, args)
         except Exception as e:  # one path failing must not lose the others' numbers
             row = {"path": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         gc.collect()  # the path's model is gone with run()'s frame

@@ -102,11 +102,18 @@ def test_real_shape_plumbing(shrunk: RealShapeSubject, tmp_path: Path) -> None:
     assert "load s (cold / warm)" not in data["rows"][0]  # real shape: no files to load
     assert json.loads((tmp_path / "speed.json").read_text())["rows"] == data["rows"]
     small = {"steps": 1, "height": 16, "width": 16, "lpips": None, "progress": False}
-    quality = evaluate_quality(
-        shrunk, num_prompts=1, cache_root=tmp_path / "c", results=tmp_path, **small
-    )
-    assert quality["real_shape"] and quality["weights"]["layers"] == 20
-    assert "quality figures are meaningless" in quality["setup"]
+    two = RealShapeSubject("flux", ["fp8", "nvfp4"], seed=0, overrides=dict(tiny_flux.TRANSFORMER))
+    got = evaluate_quality(two, num_prompts=1, cache_root=tmp_path / "c", results=tmp_path, **small)
+    assert got["kind"] == "quality-set" and list(got["formats"]) == ["fp8", "nvfp4"]
+    for fmt, quality in got["formats"].items():  # one report and folder per format
+        assert quality["format"] == fmt and quality["real_shape"]
+        assert quality["weights"]["layers"] == 20
+        assert "quality figures are meaningless" in quality["setup"]
+        on_disk = json.loads((tmp_path / fmt / "quality.json").read_text())
+        assert on_disk["format"] == fmt and (tmp_path / fmt / "quality.png").is_file()
+    fp8, nvfp4 = (got["formats"][f]["prompts"][0] for f in ("fp8", "nvfp4"))
+    assert fp8["seconds_bf16"] == nvfp4["seconds_bf16"]  # the bf16 image came from the cache
+    assert fp8["psnr_db"] != nvfp4["psnr_db"]
 
 
 def test_bench_refusals(converted: dict[str, Path], tmp_path: Path) -> None:

@@ -345,6 +345,9 @@ def test_fused_projections_on_tiny_flux(converted, caplog: pytest.LogCaptureFixt
     # the projections keep their names (LoRA targets them) as row slices of the fused weight
     assert all(isinstance(getattr(attn, n), Fp8RowwiseSlice) for n in ("to_q", "add_k_proj"))
     assert not list(attn.to_q.buffers()), "a slice holds no tensors of its own"
+    # compiled code inlines _scaled_mm for the fused Linear only (inductor cannot lower it on a
+    # view of the fused weight: a slice goes through the opaque op)
+    assert attn.to_qkv.direct and not attn.to_q.direct and not attn.add_k_proj.direct
     rows = torch.cat([ref.to_q.qdata, ref.to_k.qdata, ref.to_v.qdata])
     assert torch.equal(attn.to_qkv.qdata.view(torch.uint8), rows.view(torch.uint8))
     assert torch.equal(attn.to_k.qdata.view(torch.uint8), ref.to_k.qdata.view(torch.uint8))
@@ -355,4 +358,7 @@ def test_fused_projections_on_tiny_flux(converted, caplog: pytest.LogCaptureFixt
     with torch.no_grad():
         want = unfused(**inputs).sample.float()
         got = fused(**inputs).sample.float()
-    assert float((got - want).norm() / want.norm()) < 1e-3
+    # The weights are bit-identical (checked above); only the GEMM's N differs, so cuBLAS may
+    # pick another kernel and the bf16 outputs round differently: 1.3e-3 on an H200 (one bf16
+    # half-ulp is 2e-3 relative). A wrong slice or scale gives O(1).
+    assert float((got - want).norm() / want.norm()) < 4e-3

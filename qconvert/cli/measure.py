@@ -51,7 +51,8 @@ def _measure_options(f: F) -> F:
             default=None,
             metavar="DIR",
             help="Where the JSON (and picture) go [default: TARGET; with --real-shape: "
-            "./<family>-<format>-real-shape].",
+            "./<family>-<format>-real-shape; eval of several formats: one folder each "
+            "under it].",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
@@ -92,7 +93,7 @@ def _finish_measurement(
     from qconvert.evaluate import into_output
     from qconvert.evaluate.report import dumps
 
-    if into_output(subject, written[0].parent):  # the API re-rendered the card
+    if written and into_output(subject, written[0].parent):  # the API re-rendered the card
         written.append(written[0].parent / CARD)
     if as_json:
         click.echo(dumps(data))
@@ -159,6 +160,7 @@ def eval_command(target: str, **opts: Any) -> None:
       qconvert eval out/tiny-flux-nvfp4 --num-prompts 2 --steps 2
       qconvert eval out/x --reference ./FLUX.1-dev --prompts drawbench --num-prompts 32
       qconvert eval flux --real-shape --format nvfp4 --num-prompts 2 --steps 4   # GPU
+      qconvert eval flux --real-shape --format nvfp4,fp8 --results q/   # q/nvfp4, q/fp8
     """
     quiet_libraries()
     from qconvert.evaluate import evaluate_quality
@@ -187,12 +189,15 @@ def eval_command(target: str, **opts: Any) -> None:
     except KeyboardInterrupt:
         click.echo(_INTERRUPTED_MEASURE, err=True)
         raise
-    from qconvert.evaluate import results_dir
+    from qconvert.evaluate import quality_files, results_dir
     from qconvert.evaluate.quality import PICTURE, QUALITY
 
-    where = results_dir(subject, opts["results"])
-    written = [where / QUALITY] + ([where / PICTURE] if "picture" in data else [])
-    _finish_measurement(data, subject, written, as_json)
+    if as_json and data.get("kind") == "quality-set":
+        _finish_measurement(data, subject, [], as_json)
+        return
+    for report, where in quality_files(data, results_dir(subject, opts["results"])):
+        written = [where / QUALITY] + ([where / PICTURE] if "picture" in report else [])
+        _finish_measurement(report, subject, written, as_json)
 
 
 def _batches(text: str) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ __all__ = [
     "card_for",
     "evaluate_quality",
     "into_output",
+    "quality_files",
     "results_dir",
     "subject_for",
 ]
@@ -84,7 +85,10 @@ def evaluate_quality(
     command: str = "",
 ) -> dict[str, Any]:
     """Evaluate ``subject`` (see ``subject_for``); writes quality.json + picture into
-    ``results`` (default: the output folder). Returns the report."""
+    ``results`` (default: the output folder). Returns the report. A real-shape subject of
+    several formats is evaluated once per format (the bf16 generations come from the cache
+    after the first), each into ``results/<format>/``; the return is then
+    ``{"kind": "quality-set", "formats": {format: report}}``."""
     from qconvert.evaluate import prompts as prompt_sets
     from qconvert.evaluate import quality
     from qconvert.evaluate.cache import default_root
@@ -99,9 +103,22 @@ def evaluate_quality(
     )
     where = results_dir(subject, results)
     dev = _device(subject, device)
-    data = quality.evaluate(subject, settings, options, dev, root, where, command)
-    card_for(subject, where)
-    return data
+    if len(subject.variants) == 1:
+        data = quality.evaluate(subject, settings, options, dev, root, where, command)
+        card_for(subject, where)
+        return data
+    reports = {
+        v: quality.evaluate(subject, settings, options, dev, root, where / v, command, v)
+        for v in subject.variants
+    }
+    return {"kind": "quality-set", "formats": reports}
+
+
+def quality_files(data: dict[str, Any], where: Path) -> list[tuple[dict[str, Any], Path]]:
+    """Each report of ``evaluate_quality``'s return with the folder its files went to."""
+    if data.get("kind") == "quality-set":
+        return [(d, where / v) for v, d in data["formats"].items()]
+    return [(data, where)]
 
 
 def results_dir(subject: Any, results: Path | None = None) -> Path:

@@ -225,15 +225,17 @@ def evaluate(
     cache_root: Path,
     results: Path,
     command: str = "",
+    variant: str | None = None,
 ) -> dict[str, Any]:
-    """Run the evaluation, write ``results/quality.json`` (+ the picture); returns the report."""
+    """Run the evaluation of ``variant`` (default: the subject's first), write
+    ``results/quality.json`` (+ the picture); returns the report."""
     from qconvert.evaluate import picture
 
     if options.generate:
         metrics.torchmetrics_image()  # missing: say so before any model loads
     store = gc_.GenerationCache(cache_root)
     where = device_key(device)
-    variant = subject.variants[0]
+    variant = variant or subject.variants[0]
     # Per-layer SQNR: from the files before any model loads (real shape: made in memory with
     # the quantized transformer); cached, since it reads the whole checkpoint.
     skey = gc_.key(subject.identity(variant), "__weight_sqnr__", 0, {}, "weights")

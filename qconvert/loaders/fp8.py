@@ -305,6 +305,11 @@ class Fp8RowwiseSlice(Fp8RowwiseLinear):
         object.__setattr__(self, "_owner", owner)  # not a submodule: the owner is the attention's
         self.start, self.stop = int(start), int(stop)
         self._init_runtime(default_layout("fp8", stop - start, owner.in_features))
+        # Compiled code runs a slice through the opaque op, not torch._scaled_mm inline: inductor
+        # 2.11 fails to lower _scaled_mm on a view of the fused weight (AssertionError at FLUX's
+        # real shape, add_q_proj M=512 with a LoRA on to_q/k/v; H200, benchmarks/results/
+        # repro_fp8_lora_h200.txt). Slices run only while a LoRA has unfused the attention.
+        self.direct = False
 
     @property  # type: ignore[override]
     def qdata(self) -> torch.Tensor:
