@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -65,3 +67,20 @@ def family_outputs(
         for family in ("qwenimage", "ltx2")
         for fmt in ("nvfp4", "mxfp8")
     }
+
+
+@pytest.fixture(scope="module")
+def offline_single_thread() -> Iterator[None]:
+    """No Hub access, and one thread: tiny ops on a shared CPU run faster unthreaded. A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("offline_single_thread")``."""
+    import huggingface_hub.constants
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)

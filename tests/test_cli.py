@@ -4,6 +4,7 @@ exit, and no output that looks complete."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def test_tiny_nvfp4_end_to_end(tmp_path: Path) -> None:
     assert "DiffusionPipeline.from_pretrained" in result.output
     manifest = json.loads((out / "qconvert.json").read_text())
     assert manifest["source"] == {**manifest["source"], "kind": "tiny", "family": "flux", "seed": 0}
-    assert manifest["command"].startswith("qconvert ")
+    args = ["flux", "--format", "nvfp4", "--tiny", "-o", str(out), "-q"]
+    assert manifest["command"] == shlex.join(["qconvert", *args])  # as given, not sys.argv
     shown = run("inspect", str(out), "--verify")
     assert shown.exit_code == 0, shown.output
     assert "transformer_blocks.N.attn.to_q" in shown.output

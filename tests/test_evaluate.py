@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +23,13 @@ from qconvert.evaluate.lpips import LPIPS
 from qconvert.evaluate.quality import card_rows
 
 FAST = {"steps": 1, "lpips": None, "progress": False}
+pytestmark = pytest.mark.usefixtures("offline_single_thread")
 
 
 def random_backbone(net: str = "alex") -> dict[str, torch.Tensor]:
     """A backbone state dict in torchvision's layout with seeded random weights."""
     torch.manual_seed(0)
     return {f"features.{k}": v for k, v in LPIPS(net).features.state_dict().items()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _offline_single_thread() -> Iterator[None]:
-    """No Hub access, and one thread: tiny ops on a shared CPU run faster unthreaded."""
-    import huggingface_hub.constants
-
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -20,22 +19,7 @@ if TYPE_CHECKING:
 
 FAMILIES: dict[str, ModuleType] = {"qwenimage": tiny_qwenimage, "ltx2": tiny_ltx2}
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _offline_single_thread() -> Iterator[None]:
-    """No hub access, and one thread: tiny ops on a shared CPU run far faster unthreaded."""
-    import huggingface_hub.constants
-
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_single_thread")
 
 
 @pytest.fixture(scope="module")

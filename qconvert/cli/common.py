@@ -16,10 +16,18 @@ from qconvert.errors import QconvertError
 F = Callable[..., Any]
 
 
+_ARGV = "qconvert.argv"
+
+
 class Group(click.Group):
     """The one place user errors become one line: a QconvertError prints its message and exits
     with its exit_code (1; 130 for an interrupted conversion); Ctrl-C anywhere else exits 130
     too; anything else is a bug and keeps its traceback."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:  # the arguments as given: what command_line() records
+            ctx.meta[_ARGV] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -157,9 +165,12 @@ def hub_options(f: F, revision: str) -> F:
 
 
 def command_line() -> str:
-    """The command as typed, for the manifest and the card, with any --token value hidden."""
+    """The command as typed, for the manifest and the card, with any --token value hidden:
+    the arguments the qconvert group was given (``sys.argv`` outside a click command)."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx.meta.get(_ARGV) if ctx is not None else None
     args, hide = [], False
-    for arg in sys.argv[1:]:
+    for arg in sys.argv[1:] if given is None else given:
         if hide:
             arg, hide = "***", False
         elif arg == "--token":

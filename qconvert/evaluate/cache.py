@@ -103,7 +103,9 @@ class GenerationCache:
     def _path(self, k: str) -> Path:
         return self.root / k[:2] / f"{k}.safetensors"
 
-    def get(self, k: str) -> Sample | None:
+    def _read(self, k: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """An entry's tensors and metadata; None when absent. A damaged entry is removed (this
+        cache's own file) and so regenerated."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file, safe_open
 
@@ -113,22 +115,41 @@ class GenerationCache:
         try:
             tensors = load_file(path)
             with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
+                return tensors, f.metadata() or {}
+        except (OSError, ValueError, SafetensorError):
+            path.unlink(missing_ok=True)
+            return None
+
+    def _write(self, k: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        """Write an entry to a temporary file, then rename it into place."""
+        from safetensors.torch import save_file
+
+        path = self._path(k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    def _drop(self, k: str) -> None:
+        self._path(k).unlink(missing_ok=True)
+
+    def get(self, k: str) -> Sample | None:
+        entry = self._read(k)
+        if entry is None:
+            return None
+        tensors, meta = entry
+        try:
             return Sample(
                 tensors["frames"],
                 tensors.get("audio"),
                 float(meta.get("seconds", 0.0)),
                 int(meta.get("non_finite", 0)),
             )
-        except (OSError, KeyError, ValueError, SafetensorError):
-            path.unlink(missing_ok=True)  # a damaged entry is regenerated
+        except (KeyError, ValueError):
+            self._drop(k)
             return None
 
     def put(self, k: str, sample: Sample, about: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
-
-        path = self._path(k)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"frames": sample.frames}
         if sample.audio is not None:
             tensors["audio"] = sample.audio
@@ -137,33 +158,20 @@ class GenerationCache:
             "non_finite": str(sample.non_finite),
             "about": json.dumps(about, sort_keys=True),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        self._write(k, tensors, meta)
 
     def get_object(self, k: str) -> Any | None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
-
-        path = self._path(k)
-        if not path.is_file():
+        entry = self._read(k)
+        if entry is None:
             return None
+        tensors, meta = entry
         try:
-            tensors = load_file(path)
-            with safe_open(path, "pt") as f:
-                spec = json.loads((f.metadata() or {})["object"])
-            return _unpack(spec, tensors)
-        except (OSError, KeyError, ValueError, SafetensorError):
-            path.unlink(missing_ok=True)
+            return _unpack(json.loads(meta["object"]), tensors)
+        except (KeyError, ValueError, TypeError):
+            self._drop(k)
             return None
 
     def put_object(self, k: str, value: Any) -> None:
-        from safetensors.torch import save_file
-
         tensors: dict[str, torch.Tensor] = {}
         spec = _pack(value, tensors)
-        path = self._path(k)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, tmp, metadata={"object": json.dumps(spec)})
-        os.replace(tmp, path)
+        self._write(k, tensors, {"object": json.dumps(spec)})
