@@ -75,6 +75,12 @@ def _measure_target(target: str, opts: dict[str, Any], whole_pipeline: bool = Tr
     )
 
 
+def _shared(opts: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """The keyword arguments eval and bench take alike from ``_measure_options``."""
+    keys = ("steps", "height", "width", "frames", "device", "results")
+    return {**{k: opts[k] for k in keys}, "progress": not quiet, "command": command_line()}
+
+
 def _print_rows(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
@@ -173,18 +179,11 @@ def eval_command(target: str, **opts: Any) -> None:
             prompts=opts["prompts"],
             num_prompts=opts["num_prompts"],
             seed=opts["seed"],
-            steps=opts["steps"],
-            height=opts["height"],
-            width=opts["width"],
-            frames=opts["frames"],
-            device=opts["device"],
             lpips=None if opts["lpips"] == "off" else opts["lpips"],
             generate=not opts["no_generate"],
             picture_prompts=opts["picture_prompts"],
             cache_root=opts["cache_root"],
-            results=opts["results"],
-            progress=not quiet,
-            command=command_line(),
+            **_shared(opts, quiet),
         )
     except KeyboardInterrupt:
         click.echo(_INTERRUPTED_MEASURE, err=True)
@@ -247,18 +246,11 @@ def bench_command(target: str, **opts: Any) -> None:
             batches=batches,
             compile=opts["compiled"],
             cuda_graphs=opts["cuda_graphs"],
-            steps=opts["steps"],
-            height=opts["height"],
-            width=opts["width"],
-            frames=opts["frames"],
-            device=opts["device"],
             repeats=opts["repeats"],
             warmup=opts["warmup"],
             e2e_repeats=opts["e2e_repeats"],
             load=not opts["no_load"],
-            results=opts["results"],
-            progress=not quiet,
-            command=command_line(),
+            **_shared(opts, quiet),
         )
     except KeyboardInterrupt:
         click.echo("speed.json holds the pipelines measured before the interruption", err=True)
