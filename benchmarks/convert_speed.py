@@ -52,7 +52,7 @@ def bandwidth(source: Path, scratch: Path) -> dict[str, float]:
     bytes, with the same readers and writers the converter uses."""
     import torch
 
-    from qconvert.convert.safetensors_io import ShardWriter, read_header, read_tensor
+    from qconvert.safetensors_io import ShardWriter, read_header, read_tensor
 
     headers = [read_header(p) for p in sorted((source / "transformer").glob("*.safetensors"))]
     total = sum(i.nbytes for h in headers for i in h.tensors.values())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qconvert.convert.safetensors_io import layout
+from qconvert.safetensors_io import layout
 
 # A FluxTransformer2DModel that builds on the meta device in milliseconds.
 SMALL = {

@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from qconvert.cli import main
 from qconvert.convert import writer
-from qconvert.convert.safetensors_io import read_header, write_file
+from qconvert.safetensors_io import read_header, write_file
 from qconvert.sizes import parse_size
 
 

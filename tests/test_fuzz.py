@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from safety_fixtures import INDEX, SMALL, opened_files, secret_file, sparse_pipeline, specs_for
 
 from qconvert.contain import is_plain
-from qconvert.convert.safetensors_io import DTYPES, read_header, read_tensor
 from qconvert.convert.source import open_local
 from qconvert.errors import QconvertError
+from qconvert.safetensors_io import DTYPES, read_header, read_tensor
 
 FUZZ = settings(
     max_examples=120,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qconvert.convert import Interrupted, OutputError, convert, writer
-from qconvert.convert.safetensors_io import ShardWriter
+from qconvert.safetensors_io import ShardWriter
 from qconvert.tiny.synthetic import write_flux_source
 
 SHARD = 8 * 10**6

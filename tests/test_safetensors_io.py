@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qconvert.convert.safetensors_io import (
+from qconvert.safetensors_io import (
     DTYPES,
     SafetensorsError,
     open_reader,

@@ -30,10 +30,10 @@ from qconvert.contain import ContainmentError
 from qconvert.convert import OutputError, convert, plan_target, writer
 from qconvert.convert.plan import PlanError, Selection
 from qconvert.convert.recipes import RecipeError, load_user_recipe
-from qconvert.convert.safetensors_io import SafetensorsError, read_header
 from qconvert.convert.source import SourceError, open_local
 from qconvert.errors import ManifestError, QconvertError
 from qconvert.formats import get_format
+from qconvert.safetensors_io import SafetensorsError, read_header
 from qconvert.tiny.synthetic import write_flux_source
 
 

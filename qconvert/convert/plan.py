@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from qconvert.convert.recipes import KEEP, Recipe, UserRecipe, matches, recipe_for_class
-from qconvert.convert.safetensors_io import Header, TensorInfo
 from qconvert.convert.source import Source, SourceError
 from qconvert.errors import QconvertError
 from qconvert.formats import FORMATS, Format
+from qconvert.safetensors_io import Header, TensorInfo
 
 
 class PlanError(QconvertError, ValueError):

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconvert.contain import ContainmentError, component_name, files_under, inside
-from qconvert.convert.safetensors_io import Header, header_length, parse_header, read_header
 from qconvert.errors import QconvertError
 from qconvert.locate import looks_like_repo_id as looks_like_repo_id  # (moved; re-exported)
+from qconvert.safetensors_io import Header, header_length, parse_header, read_header
 
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"

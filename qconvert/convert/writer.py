@@ -26,9 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from qconvert.convert.plan import Item, Plan
-from qconvert.convert.safetensors_io import ShardWriter, Spec, open_reader, read_tensor
 from qconvert.convert.source import WEIGHTS_FILE, Source
 from qconvert.manifest import sha256_file
+from qconvert.safetensors_io import ShardWriter, Spec, open_reader, read_tensor
 
 PROGRESS = "progress.json"
 TENSOR_META = json.dumps({"_type": torch.Tensor.__name__})

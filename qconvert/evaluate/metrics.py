@@ -149,7 +149,7 @@ class _Tensors:
     reader, one per file, kept open while streaming)."""
 
     def __init__(self, folder: Path) -> None:
-        from qconvert.convert.safetensors_io import read_header
+        from qconvert.safetensors_io import read_header
 
         self.infos: dict[str, Any] = {}
         self.meta: dict[str, str] = {}
@@ -160,7 +160,7 @@ class _Tensors:
             self.meta.update(header.metadata)
 
     def read(self, name: str) -> torch.Tensor:
-        from qconvert.convert.safetensors_io import open_reader, read_tensor
+        from qconvert.safetensors_io import open_reader, read_tensor
 
         info = self.infos[name]
         if info.path not in self.readers:

@@ -35,9 +35,10 @@ from qconvert.contain import inside
 from qconvert.errors import ManifestError
 from qconvert.loaders import runtime
 from qconvert.loaders.compat import install_requantize
-from qconvert.loaders.reading import Entry, ReadError, Stream, UnknownDtype, read_header
+from qconvert.loaders.reading import Entry, ReadError, Stream, read_header
 from qconvert.manifest import SCHEMA
 from qconvert.manifest import load as load_manifest
+from qconvert.safetensors_io import UnknownDtypeError
 
 SUBCLASSES = ("NVFP4Tensor", "MXTensor", "Float8Tensor")  # what our formats write
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -106,7 +107,7 @@ def layout(folder: Path, root: Path) -> Layout:
     for path in files:
         try:
             found, md = read_header(path)
-        except UnknownDtype as exc:
+        except UnknownDtypeError as exc:
             raise Unsupported(str(exc)) from None
         for name in found.keys() & entries.keys():
             raise ReadError(f"{path}: tensor {name!r} also appears in {entries[name].path}")

@@ -1,7 +1,7 @@
 """Read safetensors shards straight onto a device, at disk / PCIe speed.
 
-Headers are parsed once (``read_header``: every tensor's dtype, shape and absolute byte range,
-checked against the file). A ``Stream`` then fills one owned tensor per entry:
+Headers are parsed once (``read_header``: ``qconvert.safetensors_io``'s checked parser, every
+tensor's dtype, shape and absolute byte range). A ``Stream`` then fills one owned tensor per entry:
 
 - CUDA: reader threads ``pread`` fixed-size chunks of the files into pinned host buffers (two
   per thread, so reading the next chunk overlaps the copy of the last) and enqueue
@@ -19,7 +19,6 @@ are enqueued on the device's default stream, so later work on that stream sees t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import threading
@@ -31,92 +30,25 @@ from typing import Any
 
 import torch
 
+from qconvert import safetensors_io
 from qconvert.errors import QconvertError
+from qconvert.safetensors_io import TensorInfo as Entry
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-}
-MAX_HEADER = 100 * 2**20  # what safetensors itself accepts
 CHUNK = 16 * 2**20  # bytes per pread / staging buffer
 SMALL = 2**20  # CUDA caching allocator: smaller blocks come from a pool of their own
 
 
 class ReadError(QconvertError):
-    """A shard whose header or size does not hold together."""
-
-
-class UnknownDtype(ReadError):
-    """A tensor dtype this reader does not know (the compatibility path may)."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of a shard: where its bytes are and what they are."""
-
-    path: Path
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute offset in the file
-    nbytes: int
+    """Shards that do not hold together while loading (a file cut short since its header was
+    read, a tensor in two shards, an index without a weight_map); a damaged header is
+    ``safetensors_io.SafetensorsError``."""
 
 
 def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
-    """{tensor name: Entry} and the ``__metadata__`` map of one safetensors file."""
-    with path.open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        raw = f.read(8)
-        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if n < 2 or n > MAX_HEADER or 8 + n > size:
-            raise ReadError(f"{path}: not a safetensors file (header length {n}, file {size} B)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ReadError(f"{path}: unreadable safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise ReadError(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ReadError(f"{path}: __metadata__ must map names to strings")
-    base, data = 8 + n, size - 8 - n
-    entries = {}
-    for name, spec in header.items():
-        try:
-            code, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise ReadError(f"{path}: tensor {name!r}: malformed header entry") from None
-        dtype = DTYPES.get(code)
-        if dtype is None:
-            raise UnknownDtype(f"{path}: tensor {name!r} has dtype {code!r}")
-        numel = 1
-        for d in shape:
-            if d < 0:
-                raise ReadError(f"{path}: tensor {name!r}: negative dimension in {list(shape)}")
-            numel *= d
-        if not 0 <= begin <= end <= data or end - begin != numel * dtype.itemsize:
-            raise ReadError(
-                f"{path}: tensor {name!r}: byte range [{begin}, {end}) does not fit its "
-                f"{code} {list(shape)} or the file ({data} data bytes); the file is damaged"
-            )
-        entries[name] = Entry(path, name, dtype, shape, base + begin, end - begin)
-    return entries, metadata
+    """{tensor name: Entry} and the ``__metadata__`` map of one safetensors file, checked as
+    the safetensors library checks it (``qconvert.safetensors_io``, the one parser)."""
+    header = safetensors_io.read_header(path)
+    return header.tensors, header.metadata
 
 
 @dataclass

@@ -1,10 +1,14 @@
-"""Reading and writing safetensors files one tensor at a time.
+"""safetensors files, the one place that knows their layout: headers parsed and checked as
+the safetensors library checks them (``read_header``: every tensor's dtype, shape and absolute
+byte range; sorted, contiguous, non-overlapping, inside the file), tensors read through
+safetensors' own ``safe_open`` with its pread backend (``open_reader`` / ``read_tensor``: no
+mmap kept resident), and files written here (``ShardWriter`` / ``write_file``). Used by the
+converter, the loaders' fast path and ``qconvert eval``; it depends on nothing else of qconvert
+but its error type.
 
-Why not ``safe_open`` / ``save_file``: ``safe_open`` memory-maps the whole file, so every
-tensor read stays in the process's resident set until the file is closed (measured: +770 MB
-RSS after reading a 768 MB file), which breaks the converter's memory bound on 10 GB source
-shards; and safetensors 0.8 writes its ``__metadata__`` map in a different order on every
-call, so outputs would not be byte-reproducible. The format is a little-endian u64 header
+Why not ``save_file`` for writing: safetensors 0.8 writes its ``__metadata__`` map in a
+different order on every call, so outputs would not be byte-reproducible, and a shard is
+written tensor by tensor (no whole shard in memory). The format is a little-endian u64 header
 length, a JSON header, then raw bytes; files written here are read by ``safe_open`` (tests).
 """
 
@@ -43,6 +47,10 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 class SafetensorsError(QconvertError, ValueError):
     """A safetensors file that cannot be read; the message names the file (and key)."""
+
+
+class UnknownDtypeError(SafetensorsError):
+    """A tensor dtype this module does not know (a reader that does may still load the file)."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,7 @@ def check_header(path: Path, header: object, base: int, data_size: int) -> Heade
         dtype_name, shape = entry.get("dtype"), entry.get("shape")
         offsets = entry.get("data_offsets")
         if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-            raise SafetensorsError(
+            raise UnknownDtypeError(
                 f"{where}: unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})"
             )
         if not isinstance(shape, list) or not all(_count(d) for d in shape):
