@@ -125,14 +125,10 @@ def evict(files: list[Path]) -> dict[str, Any]:
     fadvise(DONTNEED) (the Python libraries stay cached, so the next process imports at the
     usual speed); the whole page cache too (drop_caches, root) when pages remain or fincore
     cannot tell. Says how, and what fincore still sees cached."""
-    os.sync()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    how, left = "fadvise", cached_bytes(files)
+    from qconvert.evaluate.bench import drop_page_cache
+
+    how = "fadvise" if drop_page_cache(files) else "fadvise failed"
+    left = cached_bytes(files)
     if left is None or left > 0:
         how += "+drop_caches" if drop_caches() else "+drop_caches failed (not root)"
         left = cached_bytes(files)
