@@ -269,3 +269,20 @@ def test_transformer_only_and_video_cards(converted: dict[str, Path], tmp_path: 
     assert cards.default_repo_name({**manifest, "formats": ["nvfp4", "mxfp8"]}).endswith(
         "nvfp4-mxfp8"
     )
+
+
+def test_the_h200_measurements_render(converted: dict[str, Path], tmp_path: Path) -> None:
+    """What `qconvert bench` / `qconvert eval` wrote on the H200 (benchmarks/results) passes
+    the card's schema and shows its device, versions and the real-shape caveat."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    root = with_manifest(tmp_path / "m", manifest_of(converted["nvfp4"]))
+    shutil.copy(results / "bench_flux_h200.json", root / "speed.json")
+    shutil.copy(results / "eval_flux_nvfp4_h200.json", root / "quality.json")
+    shutil.copy(results / "eval_flux_nvfp4_h200.png", root / "quality.png")
+    text = render_card(root)
+    assert text.index("## Quality") < text.index("## Speed")
+    assert text.count("NVIDIA H200 (compute capability 9.0") == 2
+    assert "torch 2.11.0" in text and "random weights" in text
+    assert "| fp8 | 1 | 102 | 0.768 | 2.959 | 0.759 | 13.74 | 11.16 | 12.4 |" in text  # as measured
+    assert "| PSNR vs bf16 (dB) | 44.57 |" in text
+    assert "quality.png" in text  # the side-by-side picture is linked

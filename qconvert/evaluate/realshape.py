@@ -141,7 +141,7 @@ class RealShapeSubject:
         self.ref_identity = f"realshape:{family}:seed{seed}:{config}"
         self.reference_text = (
             f"bf16 {self.rec.title} real architecture (random weights, seed {seed}) "
-            f"through diffusers, same process"
+            f"through diffusers"
         )
         self.sqnr: dict[str, list[dict[str, Any]]] = {}
         self.runtime: dict[str, dict[str, str]] = {}
