@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call = one stage, so a lease of ~30 minutes covers the GPU work of a session:
-#   benchmarks/gpu_session.sh tests|lora|bench|load|eval   (results under $OUT, or ./gpu-out)
+#   benchmarks/gpu_session.sh tests|lora|bench|load|eval|pending   (results under $OUT, or ./gpu-out)
 # Installs the carried wheels (.whl: diffusers, torchao, peft) into /tmp/site first.
 set -uo pipefail
 stage=${1:?stage}
@@ -29,6 +29,14 @@ case $stage in
   load)
     timeout 420 python3 benchmarks/load_speed.py --workdir /tmp/qload --json "$out/load_speed_h200.json" \
       --budget "${LOAD_BUDGET:-400}" 2>&1 | tail -30 ;;
+  pending)  # what the 2026-12-01 H200 session left: the fp8 q/k/v-LoRA compile fix, fp8/mxfp8 loads
+    timeout 120 python3 benchmarks/repro_fp8_lora.py 2>&1 | grep -v Warn | tail -5
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py \
+      -k "compiled_slices or fused_projections" 2>&1 | tee "$out/gpu_tests_pending_h200.txt" | tail -3
+    timeout 110 python3 benchmarks/lora_step.py --paths bf16 fp8 --json "$out/lora_step_fp8_h200.json" \
+      2>&1 | grep -v Warn | tail -4
+    timeout 280 python3 benchmarks/load_speed.py --workdir /tmp/qload --formats fp8 mxfp8 \
+      --json "$out/load_speed_fp8_mxfp8_h200.json" --budget 270 2>&1 | tail -12 ;;
   eval)
     timeout 230 python3 -m qconvert eval flux --real-shape --format nvfp4,mxfp8,fp8 --device cuda \
       --num-prompts 2 --results "$out/eval" --cache-dir /tmp/evalcache -q 2>&1 | tee "$out/eval.log" | tail -20 ;;
