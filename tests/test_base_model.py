@@ -95,6 +95,7 @@ def test_bad_base_model_values(transformer: Path, tmp_path: Path) -> None:
         ("FLUX.1-dev", "exactly one '/'"),
         ("org/name@", "empty revision"),
         ("org/na me", "malformed"),
+        ("org/name@a b", "revision 'a b'"),
     ]:
         args = ["flux", "--format", "nvfp4", "--source", str(transformer), "-o", f"{tmp_path}/x"]
         result = CliRunner().invoke(main, [*args, "--base-model", value])

@@ -301,6 +301,10 @@ def test_cards_escape_manifest_and_measurement_strings(output: Path, tmp_path: P
     manifest["recipe"]["extra_skips"] = ["a`b|c" + EVIL_LINK]
     manifest["layers"][0].update(action="keep", reason="r|" + EVIL_LINK)
     manifest["versions"]["torch"] = "2.13 -->" + EVIL_LINK
+    manifest["source"]["base_model"] = {
+        "repo_id": "black-forest-labs/FLUX.1-dev", "revision": "main`" + EVIL_LINK,
+        "commit": "`" + EVIL_LINK, "from": "flag",
+    }  # fmt: skip
     manifest["files"][0]["path"] = "vae/`x`|y" + EVIL_LINK
     (out / "qconvert.json").write_text(json.dumps(manifest))
     (out / "quality.json").write_text(json.dumps({

@@ -224,6 +224,8 @@ def _context(
         "base": base,
         "base_name": md.code(base.name),
         "base_commit": md.code(base.commit),
+        # the manifest's text, shown as code (a revision may be any string in a manifest)
+        "base_revision": md.code(base.revision) if base.revision != base.commit else None,
         "base_url": f"{HUB}/{base.repo_id}" if base.repo_id else None,
         "source": shown_source,
         "family": md.text(family_title),

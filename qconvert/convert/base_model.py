@@ -48,6 +48,10 @@ def parse(text: str) -> tuple[str, str | None]:
     repo, sep, revision = text.strip().partition("@")
     if sep and not revision.strip():
         raise BaseModelError(f"--base-model {text!r}: empty revision after '@'")
+    if sep and not re.fullmatch(r"[^\s`]+", revision.strip()):
+        raise BaseModelError(
+            f"--base-model {text!r}: revision {revision.strip()!r} is not a branch, tag or commit"
+        )
     try:
         validate_repo_id(repo)
     except PushError as e:
