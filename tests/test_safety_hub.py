@@ -327,6 +327,55 @@ def test_cards_escape_manifest_and_measurement_strings(output: Path, tmp_path: P
     assert any(manifest["command"] in f for f in fences)  # the whole command, in one block
 
 
+def _string_fields(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _string_fields(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:3]):
+            yield from _string_fields(v, (*path, i))
+    elif isinstance(value, str):
+        yield path
+
+
+@pytest.mark.parametrize("origin", ["flag", "hub cache path", "local-dir metadata"])
+def test_no_manifest_string_opens_markdown(output: Path, tmp_path: Path, origin: str) -> None:
+    """Every string of a manifest, one at a time, with a backtick, a heading and a link/HTML
+    payload appended: the card renders it without a link, image, raw HTML or heading of its own
+    (or refuses the manifest in one error)."""
+    from qconvert.cards import CardError
+
+    evil = "`\n# pwned\n" + EVIL_LINK
+    manifest = json.loads((output / "qconvert.json").read_text())
+    manifest["source"]["base_model"] = {
+        "repo_id": "black-forest-labs/FLUX.1-dev", "revision": "main", "commit": "0" * 40,
+        "from": origin,
+    }  # fmt: skip
+    manifest["source"]["card"] = {"license": "other", "license_name": "x", "license_link": "L.md"}
+    fields = list(_string_fields(manifest))
+    assert len(fields) > 40
+    out = tmp_path / "card"
+    shutil.copytree(output, out)
+    for field in fields:
+        changed = json.loads(json.dumps(manifest))
+        holder = changed
+        for key in field[:-1]:
+            holder = holder[key]
+        holder[field[-1]] += evil
+        (out / "qconvert.json").write_text(json.dumps(changed))
+        try:
+            tokens = _tokens(render_card(out))
+        except CardError:
+            continue
+        links = [t.attrs.get("href", "") for t in tokens if t.type == "link_open"]
+        assert not [h for h in links if "evil" in str(h) or "javascript" in str(h)], field
+        assert not [t for t in tokens if t.type == "image"], field
+        html = [t.content for t in tokens if t.type in ("html_inline", "html_block")]
+        assert not [h for h in html if "evil" in h or "onerror" in h], field
+        headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+        assert not [h for h in headings if "pwned" in h], field
+
+
 def test_card_repo_id_is_validated(output: Path) -> None:
     from click.testing import CliRunner
 
