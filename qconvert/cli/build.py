@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from qconvert.cli.common import quiet_libraries
+from qconvert.cli.common import device_option, quiet_libraries
 
 
 @click.command(name="build")
@@ -31,9 +31,7 @@ from qconvert.cli.common import quiet_libraries
     show_default=True,
     help="Where targets are converted (<dir>/<target>/output), kept for resuming.",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@device_option("Where to quantize.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def build_command(
     spec_path: Path,

@@ -85,6 +85,17 @@ def quiet_libraries() -> None:
     tlogging.disable_progress_bar()
 
 
+def device_option(help: str) -> Callable[[F], F]:
+    """``--device auto|cpu|cuda`` (auto: CUDA when there is one), with the command's ``help``."""
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help=help,
+    )
+
+
 def stack(options: list[F], f: F) -> F:
     """Apply Click option decorators so they show in --help in list order."""
     for option in reversed(options):

@@ -14,6 +14,7 @@ from qconvert.cli.common import (
     SizeType,
     base_model_option,
     command_line,
+    device_option,
     quiet_libraries,
     selection_options,
     stack,
@@ -41,13 +42,7 @@ def convert_options(f: F) -> F:
             default=None,
             help="Output folder [default: ./<source name>-<format>].",
         ),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cpu", "cuda"]),
-            default="auto",
-            show_default=True,
-            help="Where to quantize.",
-        ),
+        device_option("Where to quantize."),
         selection_options,
         click.option(
             "--transformer-only",

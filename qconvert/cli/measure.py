@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from qconvert.cli.common import F, command_line, quiet_libraries, stack
+from qconvert.cli.common import F, command_line, device_option, quiet_libraries, stack
 
 
 def _measure_options(f: F) -> F:
@@ -38,13 +38,7 @@ def _measure_options(f: F) -> F:
         click.option("--height", type=int, default=None, help="Image height [family's]."),
         click.option("--width", type=int, default=None, help="Image width [family's]."),
         click.option("--frames", type=int, default=None, help="Video frames (LTX-2) [121]."),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cpu", "cuda"]),
-            default="auto",
-            show_default=True,
-            help="Where both pipelines run.",
-        ),
+        device_option("Where both pipelines run."),
         click.option(
             "--results",
             type=click.Path(path_type=Path),

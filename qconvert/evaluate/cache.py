@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 ENV = "QCONVERT_CACHE"
+Decode = Callable[[dict[str, torch.Tensor], dict[str, str]], Any]  # (tensors, metadata) -> value
 
 
 def default_root() -> Path:
@@ -130,24 +132,28 @@ class GenerationCache:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
 
-    def _drop(self, k: str) -> None:
-        self._path(k).unlink(missing_ok=True)
-
-    def get(self, k: str) -> Sample | None:
+    def _decoded(self, k: str, decode: Decode) -> Any:
+        """``decode(tensors, metadata)`` of an entry; None when absent or when it is not what
+        ``decode`` expects (dropped: this cache's own file, regenerated)."""
         entry = self._read(k)
         if entry is None:
             return None
-        tensors, meta = entry
         try:
-            return Sample(
+            return decode(*entry)
+        except (KeyError, ValueError, TypeError):
+            self._path(k).unlink(missing_ok=True)
+            return None
+
+    def get(self, k: str) -> Sample | None:
+        return self._decoded(
+            k,
+            lambda tensors, meta: Sample(
                 tensors["frames"],
                 tensors.get("audio"),
                 float(meta.get("seconds", 0.0)),
                 int(meta.get("non_finite", 0)),
-            )
-        except (KeyError, ValueError):
-            self._drop(k)
-            return None
+            ),
+        )
 
     def put(self, k: str, sample: Sample, about: dict[str, Any]) -> None:
         tensors = {"frames": sample.frames}
@@ -161,15 +167,7 @@ class GenerationCache:
         self._write(k, tensors, meta)
 
     def get_object(self, k: str) -> Any | None:
-        entry = self._read(k)
-        if entry is None:
-            return None
-        tensors, meta = entry
-        try:
-            return _unpack(json.loads(meta["object"]), tensors)
-        except (KeyError, ValueError, TypeError):
-            self._drop(k)
-            return None
+        return self._decoded(k, lambda tensors, meta: _unpack(json.loads(meta["object"]), tensors))
 
     def put_object(self, k: str, value: Any) -> None:
         tensors: dict[str, torch.Tensor] = {}
